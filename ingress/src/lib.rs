@@ -1,0 +1,121 @@
+//! `reach-ingress`: receives Meta's webhooks, stores them with their events and outbox
+//! rows in one transaction, and runs the outbox publisher that moves those rows into
+//! RabbitMQ.
+//!
+//! Layout:
+//! - [`settings`]: typed settings from the environment.
+//! - [`routes`]: the `/webhooks/whatsapp` handlers (handshake and notifications).
+//! - [`meta`]: parsing Meta's bodies into normalised items.
+//! - [`store`]: routing items to orgs and writing them, with group commit.
+
+pub mod meta;
+pub mod routes;
+pub mod settings;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use axum::routing::get;
+use reach_shared::amqp::Topology;
+use reach_shared::ops::{self, Readiness};
+use reach_shared::outbox::{OutboxWaker, Publisher};
+use reach_shared::signing::MetaSignatureVerifier;
+use reach_shared::{db, telemetry};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use settings::IngressSettings;
+use store::WebhookStore;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<IngressSettings>,
+    pub verifier: MetaSignatureVerifier,
+    pub store: WebhookStore,
+}
+
+/// A started ingress: its bound addresses and the task that runs it to the end.
+pub struct Ingress {
+    pub ingress_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness: Readiness,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Ingress {
+    /// Waits until the ingress has shut down and drained.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Binds the listeners and starts the ingress. Port 0 picks free ports; the bound
+/// addresses are returned. Runs until `shutdown` fires, then stops accepting, finishes
+/// requests in flight, commits what they carried and stops the publisher.
+pub async fn start(settings: IngressSettings, shutdown: CancellationToken) -> anyhow::Result<Ingress> {
+    let settings = Arc::new(settings);
+    let readiness = Readiness::default();
+    let metrics = telemetry::metrics_handle("reach-ingress");
+    let metrics_addr = ops::serve(settings.common.metrics_addr, metrics, readiness.clone(), shutdown.clone()).await?;
+
+    let pool = db::connect(&settings.common.database_url, settings.common.database_max_connections).await?;
+    readiness.set_database_up(true);
+    let waker = OutboxWaker::default();
+    let (store, mut writers) = WebhookStore::start(pool.clone(), settings.store.clone(), waker.clone());
+
+    let publisher_task = if settings.run_publisher {
+        let publisher = Publisher {
+            pool: pool.clone(),
+            amqp_url: settings.common.amqp_url.clone(),
+            topology: Topology::new(&settings.common.amqp_prefix, settings.send_shards),
+            settings: settings.publisher.clone(),
+            waker,
+            readiness: readiness.clone(),
+        };
+        Some(tokio::spawn(publisher.run(shutdown.clone())))
+    } else {
+        readiness.set_broker_up(true);
+        None
+    };
+
+    let state = AppState {
+        verifier: MetaSignatureVerifier::new(settings.meta_app_secrets.clone()),
+        settings: settings.clone(),
+        store,
+    };
+    let router = Router::new()
+        .route("/webhooks/whatsapp", get(routes::verify_subscription).post(routes::receive_notification))
+        .with_state(state);
+    let listener = TcpListener::bind(settings.ingress_addr)
+        .await
+        .with_context(|| format!("failed to bind REACH_INGRESS_ADDR {}", settings.ingress_addr))?;
+    let ingress_addr = listener.local_addr()?;
+    tracing::info!(%ingress_addr, %metrics_addr, "ingress listening");
+
+    let draining = readiness.clone();
+    let task = tokio::spawn(async move {
+        let stop = shutdown.clone();
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                stop.cancelled().await;
+                draining.set_shutting_down();
+            })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "ingress listener failed");
+        }
+        // The router, and with it the last store handle, is gone: writers commit what
+        // is queued and stop.
+        while writers.join_next().await.is_some() {}
+        if let Some(publisher) = publisher_task {
+            let _ = publisher.await;
+        }
+        pool.close().await;
+        tracing::info!("ingress stopped");
+    });
+    Ok(Ingress { ingress_addr, metrics_addr, readiness, task })
+}

@@ -1,0 +1,47 @@
+//! The Postgres pool and the embedded migrations of `migrations/`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::PgPoolOptions;
+
+/// Migrations compiled into every binary, so `reachctl migrate` needs no files.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// Opens a pool; the first connection is made lazily so a service can start while
+/// Postgres is still coming up.
+pub fn connect_lazy(url: &SecretString, max_connections: u32) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy(url.expose_secret())
+        .context("invalid DATABASE_URL")
+}
+
+/// Opens a pool and checks that Postgres answers.
+pub async fn connect(url: &SecretString, max_connections: u32) -> anyhow::Result<PgPool> {
+    let pool = connect_lazy(url, max_connections)?;
+    sqlx::query("SELECT 1")
+        .execute(&pool)
+        .await
+        .context("failed to connect to Postgres at DATABASE_URL")?;
+    Ok(pool)
+}
+
+/// Applies every pending migration.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR.run(pool).await.context("failed to apply migrations")
+}
+
+/// Returns true when the error is worth retrying: a lost connection, a pool timeout,
+/// a serialization failure or a deadlock.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("40001" | "40P01" | "57P01" | "57P03")),
+        _ => false,
+    }
+}

@@ -1,0 +1,27 @@
+//! Library shared by every Reach Fleet service: typed settings, telemetry and the
+//! operations listener, the Postgres pool and migrations, the RabbitMQ connection and
+//! topology, the transactional outbox and its publisher, signing and sealed secrets.
+//!
+//! Layout:
+//! - [`settings`]: environment variables into typed, validated settings.
+//! - [`telemetry`], [`ops`]: JSON logs, the Prometheus recorder, `/metrics`, `/livez`, `/readyz`.
+//! - [`db`]: pool and embedded migrations.
+//! - [`amqp`]: connection and the one place where exchanges and queues are declared.
+//! - [`outbox`]: writing outbox rows inside a business transaction, and the publisher.
+//! - [`events`]: event types and the callback body customers receive.
+//! - [`signing`]: Meta's `X-Hub-Signature-256` and Standard Webhooks signatures.
+//! - [`provision`]: applying a provisioning file (orgs, numbers, subscriptions).
+//! - [`secrets`]: sealing stored secrets (passthrough or AES-256-GCM).
+//! - [`shutdown`]: the cancellation token fired by SIGTERM or Ctrl-C.
+
+pub mod amqp;
+pub mod db;
+pub mod events;
+pub mod ops;
+pub mod provision;
+pub mod outbox;
+pub mod secrets;
+pub mod settings;
+pub mod shutdown;
+pub mod signing;
+pub mod telemetry;
