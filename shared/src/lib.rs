@@ -12,6 +12,7 @@
 //! - [`signing`]: Meta's `X-Hub-Signature-256` and Standard Webhooks signatures.
 //! - [`provision`]: applying a provisioning file (orgs, numbers, subscriptions).
 //! - [`secrets`]: sealing stored secrets (passthrough or AES-256-GCM).
+//! - [`testing`]: a fresh database and unique queue names for integration tests.
 //! - [`shutdown`]: the cancellation token fired by SIGTERM or Ctrl-C.
 
 pub mod amqp;
@@ -25,3 +26,4 @@ pub mod settings;
 pub mod shutdown;
 pub mod signing;
 pub mod telemetry;
+pub mod testing;

@@ -1,0 +1,145 @@
+//! Active subscriptions per org with their unsealed signing secrets, cached for a
+//! short time. The in-flight limit of each subscription lives here too, and survives
+//! cache refreshes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reach_shared::events::EventType;
+use reach_shared::secrets::SecretSealer;
+use reach_shared::signing::WebhookSecret;
+use secrecy::ExposeSecret;
+use sqlx::{PgPool, Row};
+use tokio::sync::{RwLock, Semaphore};
+use uuid::Uuid;
+
+/// One subscription, ready to deliver to.
+#[derive(Debug)]
+pub struct Subscription {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub url: url::Url,
+    /// `None` means every type (`*`).
+    pub event_types: Option<Vec<EventType>>,
+    /// Every secret that is active now; the callback carries one signature per secret.
+    pub secrets: Vec<WebhookSecret>,
+    /// Limits concurrent requests to this subscription.
+    pub in_flight: Arc<Semaphore>,
+}
+
+impl Subscription {
+    pub fn wants(&self, event_type: EventType) -> bool {
+        self.event_types.as_ref().is_none_or(|types| types.contains(&event_type))
+    }
+}
+
+struct CachedOrg {
+    loaded_at: Instant,
+    subscriptions: Vec<Arc<Subscription>>,
+}
+
+/// Cache of active subscriptions by org.
+pub struct SubscriptionCache {
+    pool: PgPool,
+    sealer: SecretSealer,
+    ttl: Duration,
+    in_flight_limit: usize,
+    orgs: RwLock<HashMap<Uuid, Arc<CachedOrg>>>,
+    semaphores: std::sync::Mutex<HashMap<Uuid, Arc<Semaphore>>>,
+}
+
+impl SubscriptionCache {
+    pub fn new(pool: PgPool, sealer: SecretSealer, ttl: Duration, in_flight_limit: usize) -> Self {
+        Self {
+            pool,
+            sealer,
+            ttl,
+            in_flight_limit,
+            orgs: RwLock::new(HashMap::new()),
+            semaphores: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Returns the org's active subscriptions that want `event_type`.
+    pub async fn matching(&self, org_id: Uuid, event_type: EventType) -> Result<Vec<Arc<Subscription>>, sqlx::Error> {
+        let org = self.org(org_id).await?;
+        Ok(org.subscriptions.iter().filter(|s| s.wants(event_type)).cloned().collect())
+    }
+
+    /// Returns one active subscription, or `None` when it is gone or disabled.
+    pub async fn get(&self, org_id: Uuid, subscription_id: Uuid) -> Result<Option<Arc<Subscription>>, sqlx::Error> {
+        let org = self.org(org_id).await?;
+        Ok(org.subscriptions.iter().find(|s| s.id == subscription_id).cloned())
+    }
+
+    /// Forgets an org's subscriptions, for example after one was disabled.
+    pub async fn invalidate(&self, org_id: Uuid) {
+        self.orgs.write().await.remove(&org_id);
+    }
+
+    async fn org(&self, org_id: Uuid) -> Result<Arc<CachedOrg>, sqlx::Error> {
+        if let Some(org) = self.orgs.read().await.get(&org_id) {
+            if org.loaded_at.elapsed() < self.ttl {
+                return Ok(org.clone());
+            }
+        }
+        let loaded = Arc::new(self.load(org_id).await?);
+        self.orgs.write().await.insert(org_id, loaded.clone());
+        Ok(loaded)
+    }
+
+    async fn load(&self, org_id: Uuid) -> Result<CachedOrg, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT s.id, s.url, s.event_types,
+                    coalesce(array_agg(k.secret_sealed ORDER BY k.id DESC) FILTER (WHERE k.id IS NOT NULL), '{}') AS secrets
+             FROM webhook_subscriptions s
+             LEFT JOIN webhook_subscription_secrets k
+               ON k.subscription_id = s.id AND (k.expires_at IS NULL OR k.expires_at > now())
+             WHERE s.org_id = $1 AND s.status = 'active'
+             GROUP BY s.id",
+        )
+        .bind(org_id)
+        .fetch_all(&self.pool)
+        .await?;
+
+        let mut subscriptions = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: Uuid = row.get("id");
+            let raw_url: String = row.get("url");
+            let Ok(url) = url::Url::parse(&raw_url) else {
+                tracing::error!(subscription_id = %id, "skipping a subscription with an invalid url");
+                continue;
+            };
+            let types: Vec<String> = row.get("event_types");
+            let event_types = if types.iter().any(|t| t == "*") {
+                None
+            } else {
+                Some(types.iter().filter_map(|t| EventType::parse(t)).collect())
+            };
+            let mut secrets = Vec::new();
+            for sealed in row.get::<Vec<String>, _>("secrets") {
+                match self.sealer.unseal(&sealed).map(|plain| WebhookSecret::parse(plain.expose_secret())) {
+                    Ok(Ok(secret)) => secrets.push(secret),
+                    Ok(Err(error)) => tracing::error!(subscription_id = %id, %error, "skipping an invalid signing secret"),
+                    Err(error) => tracing::error!(subscription_id = %id, error = format!("{error:#}"), "failed to unseal a signing secret"),
+                }
+            }
+            if secrets.is_empty() {
+                // NOTE: a subscription without a usable secret is skipped rather than sent
+                // unsigned callbacks; its events wait for nothing and are not recorded.
+                tracing::error!(subscription_id = %id, "skipping a subscription without an active signing secret");
+                continue;
+            }
+            let in_flight = self
+                .semaphores
+                .lock()
+                .expect("semaphore map lock is never poisoned")
+                .entry(id)
+                .or_insert_with(|| Arc::new(Semaphore::new(self.in_flight_limit)))
+                .clone();
+            subscriptions.push(Arc::new(Subscription { id, org_id, url, event_types, secrets, in_flight }));
+        }
+        Ok(CachedOrg { loaded_at: Instant::now(), subscriptions })
+    }
+}
