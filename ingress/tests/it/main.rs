@@ -1,0 +1,14 @@
+//! Integration tests of `reach-ingress`: each test starts the real ingress on
+//! 127.0.0.1 against the local Postgres and RabbitMQ, with a database and a queue
+//! prefix of its own, so tests run in parallel without sharing state.
+
+mod harness;
+
+mod body_limit;
+mod duplicates;
+mod handshake;
+mod outbox;
+mod parsing;
+mod routing;
+mod signatures;
+mod statuses;
