@@ -73,13 +73,19 @@ pub struct Notification {
     pub problems: Vec<String>,
 }
 
-/// Meta delivers up to this many updates in one body.
+/// At most this many problem descriptions are kept per body.
 const MAX_PROBLEMS_KEPT: usize = 20;
+
+/// Longest wamid accepted. Meta's are about 60 characters; a longer one could not be
+/// indexed (Postgres btree entries are limited to 2,704 bytes), so the item is skipped
+/// as a problem instead of failing the transaction on every retry.
+const MAX_WAMID_LENGTH: usize = 512;
 
 /// Parses a body whose signature has been verified. Returns an error only when nothing
 /// in it can be used: not JSON, not a WABA notification, or no understandable item.
 pub fn parse(body: &[u8]) -> Result<Notification, String> {
-    let root: Value = serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
+    let mut root: Value = serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
+    replace_nul_characters(&mut root);
     let object = root.get("object").and_then(Value::as_str);
     if object != Some("whatsapp_business_account") {
         return Err(format!("unexpected object {object:?}: expected \"whatsapp_business_account\""));
@@ -147,6 +153,10 @@ impl Notification {
                 self.problem(format!("{at} message {index}: missing id"));
                 continue;
             };
+            if wamid.len() > MAX_WAMID_LENGTH {
+                self.problem(format!("{at} message {index}: id longer than {MAX_WAMID_LENGTH} bytes"));
+                continue;
+            }
             let from = message.get("from").and_then(id_string);
             // System messages come without contacts; a contact may lack `profile`.
             let contact = contacts
@@ -177,6 +187,10 @@ impl Notification {
                 self.problem(format!("{at} status {index}: missing id or status"));
                 continue;
             };
+            if wamid.len() > MAX_WAMID_LENGTH {
+                self.problem(format!("{at} status {index}: id longer than {MAX_WAMID_LENGTH} bytes"));
+                continue;
+            }
             let (event_type, rank) = match state {
                 "sent" => (EventType::MessageSent, StatusRank::Sent),
                 "delivered" => (EventType::MessageDelivered, StatusRank::Delivered),
@@ -253,6 +267,23 @@ impl Notification {
             status: None,
             quality: None,
         });
+    }
+}
+
+/// Replaces U+0000 with U+FFFD in every string and object key. JSON allows `\u0000`,
+/// but Postgres `jsonb` and `text` reject it, so one such character would fail the
+/// whole transaction on every retry. The raw body is stored unchanged.
+fn replace_nul_characters(value: &mut Value) {
+    match value {
+        Value::String(text) if text.contains('\0') => *text = text.replace('\0', "\u{FFFD}"),
+        Value::Array(items) => items.iter_mut().for_each(replace_nul_characters),
+        Value::Object(object) => {
+            if object.keys().any(|key| key.contains('\0')) {
+                *object = std::mem::take(object).into_iter().map(|(key, item)| (key.replace('\0', "\u{FFFD}"), item)).collect();
+            }
+            object.values_mut().for_each(replace_nul_characters);
+        }
+        _ => {}
     }
 }
 

@@ -38,12 +38,14 @@ pub fn fixture(name: &str) -> Vec<u8> {
 }
 
 /// A started ingress with its database and queues. Call [`TestIngress::finish`] at the
-/// end of a test; when a test panics first, `Drop` still drops the database and deletes
+/// end of a test. When a test panics first, `Drop` still drops the database and deletes
 /// the queues.
 pub struct TestIngress {
     pub pool: PgPool,
     pub client: reqwest::Client,
     pub topology: Topology,
+    /// Bound address of the webhook listener.
+    pub addr: std::net::SocketAddr,
     /// `http://127.0.0.1:{port}/webhooks/whatsapp`.
     pub webhook_url: reqwest::Url,
     shutdown: CancellationToken,
@@ -65,7 +67,7 @@ impl Reply {
             .unwrap_or_else(|error| panic!("response body is not JSON ({error}): {:?}", String::from_utf8_lossy(&self.body)))
     }
 
-    /// The `status` field of a 200 answer: `accepted`, `duplicate`, `unroutable` or
+    /// Returns the `status` field of a 200 response: `accepted`, `duplicate`, `unroutable` or
     /// `unparseable`.
     pub fn outcome(&self) -> String {
         self.json()["status"]
@@ -118,6 +120,7 @@ impl TestIngress {
             pool: database.pool.clone(),
             client: reqwest::Client::new(),
             topology,
+            addr: ingress.ingress_addr,
             webhook_url,
             shutdown,
             ingress: Some(ingress),
@@ -370,7 +373,7 @@ async fn read_reply(response: reqwest::Response) -> Reply {
 }
 
 /// Polls `probe` every 50 ms until it returns `Some`, and fails after [`DEADLINE`].
-pub async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+pub async fn wait_for<T, F, Fut>(description: &str, mut probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -380,17 +383,17 @@ where
         if let Some(value) = probe().await {
             return value;
         }
-        assert!(started.elapsed() < DEADLINE, "timed out after {DEADLINE:?} waiting for {what}");
+        assert!(started.elapsed() < DEADLINE, "timed out after {DEADLINE:?} waiting for {description}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-/// A notification body with the given entries, serialised compactly.
+/// Builds a notification body with the given entries, serialised compactly.
 pub fn notification(entries: Vec<Value>) -> Vec<u8> {
     serde_json::to_vec(&json!({"object": "whatsapp_business_account", "entry": entries})).expect("JSON serialises")
 }
 
-/// An entry of `waba_id` with one `messages` change of `phone_number_id`.
+/// Builds an entry of `waba_id` with one `messages` change of `phone_number_id`.
 pub fn messages_entry(waba_id: &str, phone_number_id: &str, value: Value) -> Value {
     let mut value = value;
     value["messaging_product"] = json!("whatsapp");
@@ -398,7 +401,7 @@ pub fn messages_entry(waba_id: &str, phone_number_id: &str, value: Value) -> Val
     json!({"id": waba_id, "changes": [{"field": "messages", "value": value}]})
 }
 
-/// An entry carrying one inbound text message.
+/// Builds an entry carrying one inbound text message.
 pub fn text_entry(waba_id: &str, phone_number_id: &str, wamid: &str, text: &str) -> Value {
     messages_entry(
         waba_id,
@@ -410,7 +413,7 @@ pub fn text_entry(waba_id: &str, phone_number_id: &str, wamid: &str, text: &str)
     )
 }
 
-/// A body with one status of `wamid` for the fixtures' phone number. `timestamp` makes
+/// Builds a body with one status of `wamid` for the fixtures' phone number. `timestamp` makes
 /// otherwise equal bodies differ.
 pub fn status_body(wamid: &str, status: &str, timestamp: u64) -> Vec<u8> {
     let mut item = json!({"id": wamid, "status": status, "timestamp": timestamp.to_string(), "recipient_id": "15550002222"});

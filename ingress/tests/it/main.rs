@@ -6,6 +6,7 @@ mod harness;
 
 mod body_limit;
 mod duplicates;
+mod group_commit;
 mod handshake;
 mod outbox;
 mod parsing;

@@ -20,13 +20,15 @@ fn is_content_key(key: &str, prefix: &str) -> bool {
         .is_some_and(|hash| hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// Type, dedup key (or the prefix of a content key) and phone_number_id of an event.
+type ExpectedEvent = (&'static str, String, Option<&'static str>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixtures_parse_into_expected_events() {
     let ingress = TestIngress::start().await;
     let org_id = ingress.provision_fixture_org().await;
 
-    // Per fixture: (type, dedup key or content-key prefix, phone_number_id) of each event.
-    let expected: [(&str, Vec<(&str, String, Option<&str>)>); 4] = [
+    let expected: [(&str, Vec<ExpectedEvent>); 4] = [
         (
             "01_inbound_text_unicode.wire.json",
             vec![("message.received", format!("message:{INBOUND_WAMID}"), Some(FIXTURE_PHONE))],
@@ -169,18 +171,52 @@ async fn template_id_stays_numeric() {
     ingress.finish().await;
 }
 
-/// JSON allows `\u0000` in strings, so a signed body can carry it; Postgres `jsonb` and
-/// `text` reject U+0000.
+/// JSON allows `\u0000` in strings, so a signed body can carry it, but Postgres `jsonb`
+/// and `text` reject U+0000. The ingress stores such a body and its event with U+FFFD
+/// in place of U+0000.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nul_character_in_text() {
+async fn nul_character_replaced_in_event() {
     let ingress = TestIngress::start().await;
     ingress.provision_fixture_org().await;
 
-    let body = notification(vec![text_entry(FIXTURE_WABA, FIXTURE_PHONE, "wamid.nul", "before\u{0}after")]);
+    let body = notification(vec![text_entry(FIXTURE_WABA, FIXTURE_PHONE, "wamid.nul\u{0}", "before\u{0}after")]);
     assert!(String::from_utf8_lossy(&body).contains("\\u0000"), "the body escapes U+0000 as \\u0000");
     let reply = ingress.post_signed(&body).await;
-    assert_eq!(reply.status, StatusCode::OK, "a signed body with U+0000 in a text; reply {:?}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(reply.status, StatusCode::OK, "a signed body with U+0000; reply {:?}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(reply.outcome(), "accepted", "outcome");
+
+    let inbound = ingress.inbound_webhooks().await;
+    assert_eq!(inbound.len(), 1, "the body is stored");
+    assert_eq!(inbound[0].body, body, "the raw body keeps U+0000");
+    let events = ingress.events().await;
+    assert_eq!(events.len(), 1, "one event");
+    assert_eq!(events[0].dedup_key, "message:wamid.nul\u{FFFD}", "dedup key");
+    assert_eq!(events[0].data["message"]["text"]["body"], json!("before\u{FFFD}after"), "text body");
+
+    ingress.assert_outbox_matches_events().await;
+    ingress.finish().await;
+}
+
+/// A signed body whose wamid does not fit a btree index entry (2704 bytes after
+/// compression) is stored and answered 200 like any other body; the item is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_wamid_still_stored() {
+    let ingress = TestIngress::start().await;
+    ingress.provision_fixture_org().await;
+
+    // Random hex compresses to about half, so 8,000 characters stay over the limit.
+    let random_hex: String = (0..250).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
+    let wamid = format!("wamid.{random_hex}");
+    let body = notification(vec![text_entry(FIXTURE_WABA, FIXTURE_PHONE, &wamid, "long id")]);
+    let reply = ingress.post_signed(&body).await;
+    assert_eq!(reply.status, StatusCode::OK, "a signed body with an 8 KB wamid; reply {:?}", String::from_utf8_lossy(&reply.body));
     assert_eq!(ingress.count("SELECT count(*) FROM inbound_webhooks").await, 1, "the body is stored");
+    assert_eq!(
+        ingress.count("SELECT count(*) FROM inbound_webhooks WHERE outcome = 'unparseable' AND parse_error LIKE '%longer than%'").await,
+        1,
+        "the body is stored as unparseable with the reason"
+    );
+    assert_eq!(ingress.count("SELECT count(*) FROM events").await, 0, "the oversized item makes no event");
 
     ingress.finish().await;
 }

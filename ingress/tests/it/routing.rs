@@ -45,8 +45,8 @@ async fn entries_route_to_their_orgs() {
     ingress.finish().await;
 }
 
-/// Fixture 04 names its number only by display number; two other numbers share that
-/// display number, one in another WABA of the same org and one in another org.
+/// Fixture 04 names its number only by display number. Two other numbers share that
+/// display number: one in another WABA of the same org, and one in another org.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quality_update_scoped_to_waba() {
     let ingress = TestIngress::start().await;
@@ -161,21 +161,21 @@ async fn unparseable_bodies_stored() {
         br#"{"object":"whatsapp_business_account","entry":[{"changes":[]}]}"#,
     ];
     for body in bodies {
-        let shown = String::from_utf8_lossy(body);
+        let printable = String::from_utf8_lossy(body);
         let reply = ingress.post_signed(body).await;
-        assert_eq!(reply.status, StatusCode::OK, "{shown}");
-        assert_eq!(reply.outcome(), "unparseable", "{shown}");
+        assert_eq!(reply.status, StatusCode::OK, "{printable}");
+        assert_eq!(reply.outcome(), "unparseable", "{printable}");
     }
 
     let inbound = ingress.inbound_webhooks().await;
     assert_eq!(inbound.len(), bodies.len(), "every body is stored");
     for body in bodies {
-        let shown = String::from_utf8_lossy(body);
-        let row = inbound.iter().find(|row| row.body == body).unwrap_or_else(|| panic!("{shown} is stored byte for byte"));
-        assert_eq!(row.outcome, "unparseable", "{shown}: outcome");
+        let printable = String::from_utf8_lossy(body);
+        let row = inbound.iter().find(|row| row.body == body).unwrap_or_else(|| panic!("{printable} is stored byte for byte"));
+        assert_eq!(row.outcome, "unparseable", "{printable}: outcome");
         let parse_error = row.parse_error.as_deref().unwrap_or_default();
-        assert!(!parse_error.is_empty(), "{shown}: parse_error is set");
-        assert_eq!(row.event_count, 0, "{shown}: event_count");
+        assert!(!parse_error.is_empty(), "{printable}: parse_error is set");
+        assert_eq!(row.event_count, 0, "{printable}: event_count");
     }
     assert_eq!(ingress.count("SELECT count(*) FROM events").await, 0, "no events");
     assert_eq!(ingress.count("SELECT count(*) FROM outbox").await, 0, "no outbox rows");
