@@ -7,8 +7,10 @@
 //! - [`routes`]: the `/webhooks/whatsapp` handlers (handshake and notifications).
 //! - [`meta`]: parsing Meta's bodies into normalised items.
 //! - [`store`]: routing items to orgs and writing them, with group commit.
+//! - [`platform`]: the operator listener (`/platform/health`) and its audit log.
 
 pub mod meta;
+pub mod platform;
 pub mod routes;
 pub mod settings;
 pub mod store;
@@ -41,6 +43,7 @@ pub struct AppState {
 /// A started ingress: its bound addresses and the task that runs it to the end.
 pub struct Ingress {
     pub ingress_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness: Readiness,
     task: tokio::task::JoinHandle<()>,
@@ -94,7 +97,21 @@ pub async fn start(settings: IngressSettings, shutdown: CancellationToken) -> an
         .await
         .with_context(|| format!("failed to bind REACH_INGRESS_ADDR {}", settings.ingress_addr))?;
     let ingress_addr = listener.local_addr()?;
-    tracing::info!(%ingress_addr, %metrics_addr, "ingress listening");
+    let admin_listener = TcpListener::bind(settings.admin_addr)
+        .await
+        .with_context(|| format!("failed to bind REACH_ADMIN_ADDR {}", settings.admin_addr))?;
+    let admin_addr = admin_listener.local_addr()?;
+    let admin_router = platform::router(platform::PlatformState { pool: pool.clone(), tokens: settings.tokens.clone() });
+    let admin_shutdown = shutdown.clone();
+    let admin_task = tokio::spawn(async move {
+        let served = axum::serve(admin_listener, admin_router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move { admin_shutdown.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "operator listener failed");
+        }
+    });
+    tracing::info!(%ingress_addr, %admin_addr, %metrics_addr, "ingress listening");
 
     let draining = readiness.clone();
     let task = tokio::spawn(async move {
@@ -111,11 +128,12 @@ pub async fn start(settings: IngressSettings, shutdown: CancellationToken) -> an
         // The router, and with it the last store handle, is gone: writers commit what
         // is queued and stop.
         while writers.join_next().await.is_some() {}
+        let _ = admin_task.await;
         if let Some(publisher) = publisher_task {
             let _ = publisher.await;
         }
         pool.close().await;
         tracing::info!("ingress stopped");
     });
-    Ok(Ingress { ingress_addr, metrics_addr, readiness, task })
+    Ok(Ingress { ingress_addr, admin_addr, metrics_addr, readiness, task })
 }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use reach_shared::auth::TokenVerifier;
 use reach_shared::outbox::PublisherSettings;
 use reach_shared::settings::{CommonSettings, Env};
 use secrecy::SecretString;
@@ -18,6 +19,10 @@ pub struct IngressSettings {
     pub common: CommonSettings,
     /// Public listener: `/webhooks/*`.
     pub ingress_addr: SocketAddr,
+    /// Operator listener: `/platform/*`.
+    pub admin_addr: SocketAddr,
+    /// Verifies operator tokens on the operator listener.
+    pub tokens: TokenVerifier,
     /// Meta app secrets; a POST is authentic when it verifies against any of them.
     pub meta_app_secrets: Vec<SecretString>,
     /// Token Meta echoes in the GET subscription handshake.
@@ -40,6 +45,11 @@ impl IngressSettings {
             .string_or("REACH_INGRESS_ADDR", "127.0.0.1:8080")
             .parse()
             .context("invalid REACH_INGRESS_ADDR: expected host:port")?;
+        let admin_addr = env
+            .string_or("REACH_ADMIN_ADDR", "127.0.0.1:8081")
+            .parse()
+            .context("invalid REACH_ADMIN_ADDR: expected host:port")?;
+        let tokens = TokenVerifier::from_env(env, common.environment)?;
         let meta_app_secrets: Vec<SecretString> = env
             .required("REACH_META_APP_SECRETS")?
             .split(',')
@@ -62,6 +72,8 @@ impl IngressSettings {
         Ok(Self {
             common,
             ingress_addr,
+            admin_addr,
+            tokens,
             meta_app_secrets,
             meta_verify_token,
             body_limit_bytes: env.parse_or("REACH_INGRESS_BODY_LIMIT_BYTES", DEFAULT_BODY_LIMIT_BYTES)?,

@@ -5,6 +5,7 @@
 //! Layout:
 //! - [`settings`]: environment variables into typed, validated settings.
 //! - [`telemetry`], [`ops`]: JSON logs, the Prometheus recorder, `/metrics`, `/livez`, `/readyz`.
+//! - [`auth`]: verifying the identity provider's JWTs.
 //! - [`db`]: pool and embedded migrations.
 //! - [`amqp`]: connection and the one place where exchanges and queues are declared.
 //! - [`outbox`]: writing outbox rows inside a business transaction, and the publisher.
@@ -16,6 +17,7 @@
 //! - [`shutdown`]: the cancellation token fired by SIGTERM or Ctrl-C.
 
 pub mod amqp;
+pub mod auth;
 pub mod db;
 pub mod events;
 pub mod ops;

@@ -32,6 +32,21 @@ pub const FIXTURE_DISPLAY: &str = "15550001111";
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Reads a file under `fixtures/meta` byte for byte.
+/// HS256 key of the test identity provider.
+pub const JWT_SECRET: &str = "test-identity-provider-secret";
+
+/// Signs a token as the identity provider would, valid for an hour.
+pub fn token(claims: Value) -> String {
+    let mut claims = claims;
+    claims["exp"] = serde_json::json!(chrono::Utc::now().timestamp() + 3600);
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()).expect("HMAC keys take any length"),
+    )
+    .expect("test claims serialise")
+}
+
 pub fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/../fixtures/meta/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|error| panic!("failed to read fixture {path}: {error}"))
@@ -46,6 +61,8 @@ pub struct TestIngress {
     pub topology: Topology,
     /// Bound address of the webhook listener.
     pub addr: std::net::SocketAddr,
+    /// Bound address of the operator listener.
+    pub admin_addr: std::net::SocketAddr,
     /// `http://127.0.0.1:{port}/webhooks/whatsapp`.
     pub webhook_url: reqwest::Url,
     shutdown: CancellationToken,
@@ -95,6 +112,8 @@ impl TestIngress {
 
         let mut pairs: Vec<(String, String)> = [
             ("REACH_INGRESS_ADDR", "127.0.0.1:0"),
+            ("REACH_ADMIN_ADDR", "127.0.0.1:0"),
+            ("REACH_HUB_JWT_SECRET", JWT_SECRET),
             ("REACH_METRICS_ADDR", "127.0.0.1:0"),
             ("DATABASE_URL", database.url.as_str()),
             ("AMQP_URL", amqp_url.as_str()),
@@ -121,6 +140,7 @@ impl TestIngress {
             client: reqwest::Client::new(),
             topology,
             addr: ingress.ingress_addr,
+            admin_addr: ingress.admin_addr,
             webhook_url,
             shutdown,
             ingress: Some(ingress),

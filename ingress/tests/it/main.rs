@@ -10,6 +10,7 @@ mod group_commit;
 mod handshake;
 mod outbox;
 mod parsing;
+mod platform;
 mod routing;
 mod signatures;
 mod statuses;
