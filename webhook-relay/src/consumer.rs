@@ -190,7 +190,7 @@ impl Relay {
         let next = self.policy.next(attempt.verdict, 1);
         self.observe(&attempt, &next, event);
         if attempt.verdict == Verdict::Gone {
-            self.subscriptions.invalidate(event.org_id).await;
+            self.subscriptions.disable(subscription.id);
         }
         Record::First { org_id: event.org_id, event_id: event.id, subscription_id: subscription.id, attempt: Some(attempt), next }
     }

@@ -178,8 +178,9 @@ async fn write(pool: &PgPool, records: &[&Record]) -> Result<(), sqlx::Error> {
     firsts.sort_by_key(|(key, _)| *key);
     if !firsts.is_empty() {
         let ids = insert_first(&mut tx, &firsts).await?;
-        for ((event_id, subscription_id), record) in &firsts {
-            if let Record::First { org_id, attempt: Some(attempt), .. } = record {
+        // Every attempt is recorded, including both of a pair handled twice in this batch.
+        for record in records {
+            if let Record::First { org_id, event_id, subscription_id, attempt: Some(attempt), .. } = record {
                 if let Some(id) = ids.get(&(*event_id, *subscription_id)) {
                     attempts.push((*id, *org_id, attempt));
                 }

@@ -152,7 +152,7 @@ impl Relay {
         let next = self.policy.next(attempt.verdict, attempts);
         self.observe(&attempt, &next, &event);
         if attempt.verdict == Verdict::Gone {
-            self.subscriptions.invalidate(claim.org_id).await;
+            self.subscriptions.disable(subscription.id);
         }
         Record::Retry { org_id: claim.org_id, delivery_id: claim.delivery_id, subscription_id: claim.subscription_id, attempt, next }
     }

@@ -144,16 +144,33 @@ impl Sender {
         }
 
         let verdict = classify(status, retry_after);
+        let (text, cut) = stored_text(&body);
         Attempt {
             attempted_at,
             duration: started.elapsed(),
             status_code: Some(status.as_u16()),
             error: if verdict == Verdict::Delivered { None } else { read_error.or_else(|| Some(format!("endpoint answered {status}"))) },
-            response_body: (!body.is_empty()).then(|| String::from_utf8_lossy(&body).into_owned()),
-            response_truncated: truncated,
+            response_body: (!body.is_empty()).then_some(text),
+            response_truncated: truncated || cut,
             verdict,
         }
     }
+}
+
+/// Decodes a response body for storage. Each byte of invalid UTF-8 becomes U+FFFD,
+/// three bytes, so the text is cut again, at a character boundary, to stay within
+/// [`MAX_STORED_RESPONSE_BYTES`]. Returns the text and whether that cut removed anything.
+fn stored_text(body: &[u8]) -> (String, bool) {
+    let mut text = String::from_utf8_lossy(body).into_owned();
+    if text.len() <= MAX_STORED_RESPONSE_BYTES {
+        return (text, false);
+    }
+    let mut end = MAX_STORED_RESPONSE_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    (text, true)
 }
 
 /// Applies the delivery rules to a status code.

@@ -47,6 +47,8 @@ pub struct SubscriptionCache {
     in_flight_limit: usize,
     orgs: RwLock<HashMap<Uuid, Arc<CachedOrg>>>,
     semaphores: std::sync::Mutex<HashMap<Uuid, Arc<Semaphore>>>,
+    /// Subscriptions this process disabled, hidden at once, before the database says so.
+    disabled: std::sync::Mutex<std::collections::HashSet<Uuid>>,
 }
 
 impl SubscriptionCache {
@@ -58,24 +60,30 @@ impl SubscriptionCache {
             in_flight_limit,
             orgs: RwLock::new(HashMap::new()),
             semaphores: std::sync::Mutex::new(HashMap::new()),
+            disabled: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
     }
 
     /// Returns the org's active subscriptions that want `event_type`.
     pub async fn matching(&self, org_id: Uuid, event_type: EventType) -> Result<Vec<Arc<Subscription>>, sqlx::Error> {
         let org = self.org(org_id).await?;
-        Ok(org.subscriptions.iter().filter(|s| s.wants(event_type)).cloned().collect())
+        let disabled = self.disabled.lock().expect("disabled set lock is never poisoned");
+        Ok(org.subscriptions.iter().filter(|s| s.wants(event_type) && !disabled.contains(&s.id)).cloned().collect())
     }
 
     /// Returns one active subscription, or `None` when it is gone or disabled.
     pub async fn get(&self, org_id: Uuid, subscription_id: Uuid) -> Result<Option<Arc<Subscription>>, sqlx::Error> {
         let org = self.org(org_id).await?;
+        if self.disabled.lock().expect("disabled set lock is never poisoned").contains(&subscription_id) {
+            return Ok(None);
+        }
         Ok(org.subscriptions.iter().find(|s| s.id == subscription_id).cloned())
     }
 
-    /// Forgets an org's subscriptions, for example after one was disabled.
-    pub async fn invalidate(&self, org_id: Uuid) {
-        self.orgs.write().await.remove(&org_id);
+    /// Hides a subscription at once, before its disabling is committed, so no event
+    /// processed meanwhile reaches an endpoint that answered 410 Gone.
+    pub fn disable(&self, subscription_id: Uuid) {
+        self.disabled.lock().expect("disabled set lock is never poisoned").insert(subscription_id);
     }
 
     async fn org(&self, org_id: Uuid) -> Result<Arc<CachedOrg>, sqlx::Error> {
