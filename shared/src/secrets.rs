@@ -43,7 +43,7 @@ impl SecretSealer {
         match mode.as_str() {
             "passthrough" => {
                 if environment == Environment::Production {
-                    bail!("REACH_SECRETS_MODE=passthrough stores secrets unencrypted and is refused in production; set REACH_SECRETS_MODE=local and REACH_SECRETS_KEYS");
+                    bail!("REACH_SECRETS_MODE=passthrough stores secrets unencrypted and is rejected in production: set REACH_SECRETS_MODE=local and REACH_SECRETS_KEYS");
                 }
                 tracing::warn!("REACH_SECRETS_MODE=passthrough: secrets are stored unencrypted, use it for development only");
                 Ok(SecretSealer::Passthrough)

@@ -17,14 +17,14 @@ pub struct RelaySettings {
     /// Allow subscriber URLs that resolve to loopback, private or other non-public
     /// addresses. Development and tests only; refused in production.
     pub allow_private_targets: bool,
-    /// Unacknowledged event messages this process holds at once.
+    /// Maximum unacknowledged event messages of this process.
     pub prefetch: u16,
     /// HTTP requests in flight across every subscription.
     pub global_in_flight: usize,
     /// HTTP requests in flight to one subscription; a slow endpoint cannot take more.
     pub subscription_in_flight: usize,
     /// How long a first attempt waits for a slot of its subscription before it is
-    /// handed to the retry lane instead, so a slow endpoint never holds the queue.
+    /// handed to the retry lane instead, so a slow endpoint never blocks the queue.
     pub overflow_after: Duration,
     /// HTTP requests in flight in the retry lane.
     pub retry_in_flight: usize,
@@ -50,7 +50,7 @@ impl RelaySettings {
         let sealer = SecretSealer::from_env(env, common.environment)?;
         let allow_private_targets = env.bool_or("REACH_RELAY_ALLOW_PRIVATE_TARGETS", false)?;
         if allow_private_targets && common.environment == Environment::Production {
-            bail!("REACH_RELAY_ALLOW_PRIVATE_TARGETS=true is refused in production: it lets subscriber URLs reach internal addresses");
+            bail!("REACH_RELAY_ALLOW_PRIVATE_TARGETS=true is rejected in production: it lets subscriber URLs reach internal addresses");
         }
         let retry_schedule = match env.get("REACH_RELAY_RETRY_SCHEDULE_SECONDS") {
             None => DEFAULT_RETRY_SCHEDULE_SECONDS.iter().map(|s| Duration::from_secs(*s)).collect(),
