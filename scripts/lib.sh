@@ -12,12 +12,17 @@ die() {
 
 # Installs the Debian packages the build and the scripts need, when one is missing.
 ensure_build_packages() {
-    local wanted=(libssl-dev pkg-config postgresql-client curl python3)
-    local missing=()
-    for package in "${wanted[@]}"; do
-        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+    # Each command, and the Debian package that provides it.
+    local -A providers=([pkg-config]=pkg-config [psql]=postgresql-client [pg_isready]=postgresql-client
+                        [pgbench]=postgresql-contrib [curl]=curl [python3]=python3)
+    local missing=() command
+    for command in "${!providers[@]}"; do
+        command -v "$command" >/dev/null || missing+=("${providers[$command]}")
     done
+    # OpenSSL headers for the TLS of the HTTP client.
+    [[ -f /usr/include/openssl/ssl.h ]] || missing+=(libssl-dev)
     if ((${#missing[@]})); then
+        mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
         log "installing Debian packages: ${missing[*]}"
         apt-get update -qq >&2
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
@@ -70,4 +75,89 @@ wait_for_http() {
         sleep 0.1
     done
     die "$url did not answer within ${seconds}s"
+}
+
+# Prints the first TCP port from the given one upward on which nothing listens on
+# 127.0.0.1. A port can still be taken between this check and its use. A service then
+# fails to bind and logs the error.
+free_port() {
+    local port=$1
+    while (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+        port=$((port + 1))
+    done
+    echo "$port"
+}
+
+# Deletes every RabbitMQ queue whose name starts with "PREFIX.", so a run does not
+# consume messages a previous run left behind for a database that no longer exists.
+delete_amqp_queues() {
+    local prefix=$1 queue queues
+    # Read every name first: rabbitmqctl reads standard input, which would swallow
+    # the rest of a `while read` loop's input.
+    mapfile -t queues < <(rabbitmqctl -q list_queues --no-table-headers name </dev/null)
+    for queue in "${queues[@]}"; do
+        [[ "$queue" == "$prefix".* ]] || continue
+        rabbitmqctl -q delete_queue "$queue" </dev/null >/dev/null
+    done
+}
+
+# Processes started by start_background, in start order.
+STARTED_NAMES=()
+declare -A STARTED_PIDS=() STARTED_LOGS=()
+
+# Starts a command in the background with its output in a log file:
+#   start_background NAME LOGFILE COMMAND [ARGS...]
+# Use `env VAR=value command` to give it its own variables.
+start_background() {
+    local name=$1 logfile=$2
+    shift 2
+    "$@" >"$logfile" 2>&1 &
+    STARTED_NAMES+=("$name")
+    STARTED_PIDS[$name]=$!
+    STARTED_LOGS[$name]=$logfile
+    log "started $name (pid $!, log $logfile)"
+}
+
+# Waits until a started process returns 200 on URL, failing early with the end of its
+# log when it exits first: wait_for_service NAME URL [SECONDS, default 60].
+wait_for_service() {
+    local name=$1 url=$2 seconds=${3:-60}
+    local pid=${STARTED_PIDS[$name]}
+    for _ in $(seq 1 $((seconds * 10))); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            tail -n 20 "${STARTED_LOGS[$name]}" >&2 || true
+            die "$name exited before it was ready; its log is ${STARTED_LOGS[$name]}"
+        fi
+        if curl -fsS -o /dev/null "$url" 2>/dev/null; then
+            log "$name is ready"
+            return
+        fi
+        sleep 0.1
+    done
+    die "$name did not return 200 on $url within ${seconds}s; its log is ${STARTED_LOGS[$name]}"
+}
+
+# Stops every started process, last started first: SIGTERM, then SIGKILL after
+# REACH_STOP_TIMEOUT_SECONDS (default 30). Meant for `trap stop_started EXIT`.
+stop_started() {
+    local index name pid status
+    for ((index = ${#STARTED_NAMES[@]} - 1; index >= 0; index--)); do
+        name=${STARTED_NAMES[$index]}
+        pid=${STARTED_PIDS[$name]}
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -TERM "$pid" 2>/dev/null || true
+            for _ in $(seq 1 $((${REACH_STOP_TIMEOUT_SECONDS:-30} * 10))); do
+                kill -0 "$pid" 2>/dev/null || break
+                sleep 0.1
+            done
+            if kill -0 "$pid" 2>/dev/null; then
+                log "$name did not stop after SIGTERM; sending SIGKILL"
+                kill -KILL "$pid" 2>/dev/null || true
+            fi
+        fi
+        status=0
+        wait "$pid" 2>/dev/null || status=$?
+        log "stopped $name (exit status $status)"
+    done
+    STARTED_NAMES=()
 }

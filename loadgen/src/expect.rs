@@ -1,7 +1,7 @@
-//! Expected callbacks and how received callbacks are matched to them. An event is known
-//! by what the loadgen can predict before the ingress gives it an id: the wamid of a
-//! received message, the wamid and type of a status, or only the type of the few
-//! fixture events that have no wamid.
+//! Expected callbacks and how received callbacks are matched to them. The ingress gives
+//! each event its id, so the loadgen knows an event by what it can predict: the wamid
+//! of a received message, or the wamid and type of a status. The few fixture events
+//! without a wamid are known by their type alone.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use reach_shared::events::{Event, EventType};
 use serde_json::Value;
 
-/// What identifies one event across the webhook that carries it and the callback that
-/// reports it.
+/// The identity of one event, shared by the webhook that carries it and the callback
+/// that reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum EventKey {
     /// `message.received`, matched on `data.message.id`.
@@ -118,7 +118,8 @@ impl Expectations {
         let mut tally = Tally { expected_callbacks: self.callback_count(filters), ..Tally::default() };
 
         // The first webhook-id seen for an (event, subscription) pair is the expected
-        // callback; another webhook-id for the same pair is a second event for one fact.
+        // callback. Another webhook-id for the same pair means a second event for one
+        // fact, which is unexpected.
         let mut first_receipt: HashMap<(usize, &EventKey), Instant> = HashMap::new();
         for receipt in receipts {
             tally.duplicates += receipt.count.saturating_sub(1);
@@ -142,6 +143,14 @@ impl Expectations {
         }
         tally.delivered = first_receipt.len();
         tally.lost = tally.expected_callbacks.saturating_sub(tally.delivered);
+        tally.by_subscription = filters
+            .iter()
+            .enumerate()
+            .map(|(index, filter)| SubscriptionTally {
+                expected: self.events.keys().filter(|key| filter.matches(key.event_type())).count(),
+                delivered: first_receipt.keys().filter(|(subscription, _)| *subscription == index).count(),
+            })
+            .collect();
 
         // Latency of an event: from its webhook's POST to its first callback anywhere.
         let mut first_by_event: HashMap<&EventKey, Instant> = HashMap::new();
@@ -171,6 +180,14 @@ pub struct Tally {
     pub unexpected: u64,
     /// Per delivered event, from the POST of its webhook to its first callback.
     pub latencies: Vec<Duration>,
+    /// Expected and delivered callbacks of each subscription, in filter order.
+    pub by_subscription: Vec<SubscriptionTally>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriptionTally {
+    pub expected: usize,
+    pub delivered: usize,
 }
 
 #[cfg(test)]
@@ -256,6 +273,7 @@ mod tests {
             expectations.add(key.clone(), sent_at);
         }
         let at = |ms| sent_at + Duration::from_millis(ms);
+
         let receipts = vec![
             receipt(0, &received, 1, at(30)),
             receipt(1, &received, 3, at(10)),
@@ -268,6 +286,7 @@ mod tests {
             receipt(0, &sent, 1, at(70)),
         ];
         let tally = expectations.tally(&filters(), &receipts);
+
         assert_eq!(tally.expected_callbacks, 5);
         assert_eq!(tally.delivered, 3);
         assert_eq!(tally.lost, 2);
@@ -276,6 +295,10 @@ mod tests {
         let mut latencies = tally.latencies.clone();
         latencies.sort();
         assert_eq!(latencies, vec![Duration::from_millis(10), Duration::from_millis(50)]);
+        assert_eq!(
+            tally.by_subscription,
+            [SubscriptionTally { expected: 3, delivered: 2 }, SubscriptionTally { expected: 2, delivered: 1 }]
+        );
     }
 
     #[test]

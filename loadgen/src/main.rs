@@ -1,1 +1,194 @@
-fn main() {}
+//! `reach-loadgen`: writes the demo's provisioning file, runs the end-to-end demo
+//! (Meta-signed traffic in, verified callbacks out), and sends load for benchmarks.
+//!
+//! Layout:
+//! - [`provisioning`]: the demo org and subscriptions, written to and read from a file.
+//! - [`generator`], [`meta_body`], [`wire`]: realistic webhook bodies in Meta's byte form.
+//! - [`fixtures`]: the Meta fixtures and the events a body should produce.
+//! - [`traffic`]: signed posts with bounded concurrency and an optional rate.
+//! - [`subscriber`]: the verifying Standard Webhooks subscriber.
+//! - [`expect`], [`stats`]: matching callbacks to expectations; percentiles.
+//! - [`demo`], [`send`]: the two traffic commands.
+
+mod demo;
+mod expect;
+mod fixtures;
+mod generator;
+mod meta_body;
+mod provisioning;
+mod send;
+mod stats;
+mod subscriber;
+mod traffic;
+mod wire;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use reach_shared::telemetry;
+use serde::Serialize;
+use url::Url;
+
+use crate::traffic::{Pace, TrafficSettings};
+
+#[derive(Parser)]
+#[command(name = "reach-loadgen", version, about = "Traffic generator, verifying subscriber and benchmark driver for Reach Fleet")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write the demo provisioning file (one org, two WABAs with a number each, two
+    /// subscriptions pointing at the subscriber) with fresh secrets. Apply it with
+    /// `reachctl provision --file`.
+    Provision(ProvisionArgs),
+    /// Run the end-to-end demo: serve the verifying subscriber, replay the fixtures,
+    /// send generated webhooks, wait for the callbacks and print a JSON report as the
+    /// last stdout line. Exits 1 when a webhook was rejected, a callback was lost or a
+    /// signature failed.
+    Demo(DemoArgs),
+    /// Send generated webhooks only and print the ingress's throughput and response
+    /// latency as a JSON line.
+    Send(SendArgs),
+}
+
+#[derive(Args)]
+struct ProvisionArgs {
+    /// Path of the provisioning file to write (mode 0600: it contains the secrets).
+    #[arg(long)]
+    file: PathBuf,
+    /// Loopback address of the verifying subscriber the subscriptions point at.
+    #[arg(long, env = "REACH_LOADGEN_SUBSCRIBER_ADDR", default_value = "127.0.0.1:9200")]
+    subscriber_addr: SocketAddr,
+}
+
+#[derive(Args)]
+struct TrafficArgs {
+    /// Base URL of the ingress.
+    #[arg(long, env = "REACH_LOADGEN_INGRESS_URL", default_value = "http://127.0.0.1:8080")]
+    ingress_url: Url,
+    /// Meta app secret the webhooks are signed with; the ingress must list it in
+    /// REACH_META_APP_SECRETS. Defaults to the fixtures' test secret.
+    #[arg(long, env = "REACH_LOADGEN_META_APP_SECRET", default_value = fixtures::TEST_APP_SECRET, hide_env_values = true, hide_default_value = true)]
+    meta_app_secret: String,
+    /// Generated webhooks to send.
+    #[arg(long, env = "REACH_LOADGEN_WEBHOOKS", default_value_t = 10_000)]
+    webhooks: u64,
+    /// Webhooks in flight at most.
+    #[arg(long, env = "REACH_LOADGEN_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    concurrency: u32,
+    /// Target webhooks per second; unset sends as fast as the concurrency allows.
+    #[arg(long, env = "REACH_LOADGEN_RATE", value_parser = parse_rate)]
+    rate: Option<f64>,
+    /// Seed of the generated shapes and contents; random when unset.
+    #[arg(long, env = "REACH_LOADGEN_SEED")]
+    seed: Option<u64>,
+    /// Seconds to wait for the ingress to respond to one webhook.
+    #[arg(long, env = "REACH_LOADGEN_REQUEST_TIMEOUT_SECONDS", default_value_t = 30)]
+    request_timeout_seconds: u64,
+}
+
+impl TrafficArgs {
+    fn settings(self) -> TrafficSettings {
+        TrafficSettings {
+            ingress_url: self.ingress_url,
+            app_secret: self.meta_app_secret.into(),
+            webhooks: self.webhooks,
+            pace: Pace { concurrency: self.concurrency as usize, rate: self.rate },
+            seed: self.seed.unwrap_or_else(rand::random),
+            request_timeout: Duration::from_secs(self.request_timeout_seconds),
+        }
+    }
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    traffic: TrafficArgs,
+    /// Provisioning file from `reach-loadgen provision`, applied beforehand with
+    /// `reachctl provision --file`. When the file does not exist, the demo writes it
+    /// for --subscriber-addr and applies it itself.
+    #[arg(long, env = "REACH_LOADGEN_PROVISIONING_FILE")]
+    provisioning_file: PathBuf,
+    /// Apply the existing provisioning file before sending.
+    #[arg(long)]
+    apply: bool,
+    /// Subscriber address used only when the demo writes a new provisioning file.
+    #[arg(long, env = "REACH_LOADGEN_SUBSCRIBER_ADDR", default_value = "127.0.0.1:9200")]
+    subscriber_addr: SocketAddr,
+    /// Postgres of the fleet: applying the file and counting parked deliveries.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/reach", hide_env_values = true)]
+    database_url: String,
+    /// Directory of the `*.wire.json` Meta fixtures replayed before the traffic.
+    #[arg(long, env = "REACH_LOADGEN_FIXTURES_DIR", default_value = "fixtures/meta")]
+    fixtures_dir: PathBuf,
+    /// Seconds to wait for the expected callbacks after the response to the last webhook.
+    #[arg(long, env = "REACH_LOADGEN_TIMEOUT_SECONDS", default_value_t = 120)]
+    timeout_seconds: u64,
+    /// Seconds to keep listening after the last expected callback, to count late
+    /// duplicates.
+    #[arg(long, env = "REACH_LOADGEN_SETTLE_SECONDS", default_value_t = 2)]
+    settle_seconds: u64,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    #[command(flatten)]
+    traffic: TrafficArgs,
+}
+
+fn parse_rate(raw: &str) -> Result<f64, String> {
+    match raw.trim().parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!("invalid rate {raw:?}: expected webhooks per second, a number above 0")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<ExitCode> {
+    telemetry::init_logs("reach-loadgen");
+    match Cli::parse().command {
+        Command::Provision(args) => {
+            provisioning::write_demo_file(&args.file, args.subscriber_addr)?;
+            eprintln!("wrote {}; apply it with: reachctl provision --file {}", args.file.display(), args.file.display());
+        }
+        Command::Demo(args) => {
+            let settings = demo::DemoSettings {
+                traffic: args.traffic.settings(),
+                provisioning_file: args.provisioning_file,
+                subscriber_addr: args.subscriber_addr,
+                apply: args.apply,
+                database_url: args.database_url.into(),
+                fixtures_dir: args.fixtures_dir,
+                timeout: Duration::from_secs(args.timeout_seconds),
+                settle: Duration::from_secs(args.settle_seconds),
+            };
+            let report = demo::run(settings).await?;
+            print_result_line(&report)?;
+            if !report.passed() {
+                eprintln!(
+                    "demo failed: {} rejected webhooks, {} lost callbacks, {} signature failures",
+                    report.rejected, report.lost, report.signature_failures
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Send(args) => {
+            let report = send::run(args.traffic.settings(), generator::demo_numbers()).await?;
+            print_result_line(&report)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the run's result as one JSON line on stdout; scripts read the last line.
+#[allow(clippy::print_stdout)]
+fn print_result_line<T: Serialize>(report: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(report)?);
+    Ok(())
+}
