@@ -81,6 +81,24 @@ impl Event {
     }
 }
 
+/// The fields of an event the relay routes on, read from a callback body without
+/// parsing its `data`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct EventHeader {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    #[serde(with = "timestamp_millis")]
+    pub created_at: DateTime<Utc>,
+    pub org_id: Uuid,
+}
+
+impl Event {
+    pub fn header(&self) -> EventHeader {
+        EventHeader { id: self.id, event_type: self.event_type, created_at: self.created_at, org_id: self.org_id }
+    }
+}
+
 /// Truncates a timestamp to what [`Event`] keeps: whole milliseconds.
 pub fn truncate_to_millis(at: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(at.timestamp_millis()).expect("a valid timestamp stays valid when truncated")
@@ -128,6 +146,8 @@ mod tests {
         let body = event.to_body();
         let reparsed: Event = serde_json::from_slice(&body).unwrap();
         assert_eq!(reparsed, event);
+        let header: EventHeader = serde_json::from_slice(&body).unwrap();
+        assert_eq!(header, event.header());
         assert_eq!(reparsed.to_body(), body);
     }
 }

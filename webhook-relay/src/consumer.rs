@@ -14,14 +14,14 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use reach_shared::amqp;
-use reach_shared::events::Event;
+use reach_shared::events::EventHeader;
 use reach_shared::outbox::reconnect_policy;
 use sqlx::Row;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::Relay;
+use crate::{InFlight, Relay};
 use crate::records::{Next, Record};
 use crate::sender::Verdict;
 use crate::subscriptions::Subscription;
@@ -129,7 +129,8 @@ impl Relay {
     /// Fans one event message out and records every delivery.
     #[tracing::instrument(skip_all, fields(event_id))]
     pub async fn process(&self, delivery: &Delivery) -> Outcome {
-        let event: Event = match serde_json::from_slice(&delivery.data) {
+        // Only the header is parsed: the body is forwarded as it is.
+        let event: EventHeader = match serde_json::from_slice(&delivery.data) {
             Ok(event) => event,
             Err(error) => {
                 tracing::error!(%error, bytes = delivery.data.len(), "dead-lettering a message that is not an event");
@@ -171,7 +172,7 @@ impl Relay {
         }
     }
 
-    async fn first_attempt(&self, subscription: &Arc<Subscription>, event: &Event, body: &[u8]) -> Record {
+    async fn first_attempt(&self, subscription: &Arc<Subscription>, event: &EventHeader, body: &[u8]) -> Record {
         // A busy subscription gets a short wait for a slot; past it the delivery goes to
         // the retry lane so the queue keeps moving for everyone else.
         let slot = tokio::time::timeout(self.settings.overflow_after, subscription.in_flight.clone().acquire_owned()).await;
@@ -186,7 +187,9 @@ impl Relay {
             };
         };
         let _global = self.global_in_flight.acquire().await.expect("the global semaphore is never closed");
+        let in_flight = InFlight::start("first");
         let attempt = self.sender.send(subscription, event.id, body).await;
+        drop(in_flight);
         let next = self.policy.next(attempt.verdict, 1);
         self.observe(&attempt, &next, event);
         if attempt.verdict == Verdict::Gone {

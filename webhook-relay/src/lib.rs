@@ -21,13 +21,14 @@ pub mod subscriptions;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
 use reach_shared::amqp::Topology;
-use reach_shared::events::Event;
+use reach_shared::events::EventHeader;
 use reach_shared::ops::{self, Readiness};
 use reach_shared::{db, telemetry};
-use sqlx::PgPool;
+use sqlx::{PgPool, Row};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -68,6 +69,7 @@ impl RunningRelay {
 pub async fn start(settings: RelaySettings, shutdown: CancellationToken) -> anyhow::Result<RunningRelay> {
     let readiness = Readiness::default();
     let metrics = telemetry::metrics_handle("reach-webhook-relay");
+    describe_metrics();
     let metrics_addr = ops::serve(settings.common.metrics_addr, metrics, readiness.clone(), shutdown.clone()).await?;
     if settings.allow_private_targets {
         tracing::warn!("REACH_RELAY_ALLOW_PRIVATE_TARGETS=true: subscriber URLs may reach loopback and private addresses");
@@ -97,12 +99,14 @@ pub async fn start(settings: RelaySettings, shutdown: CancellationToken) -> anyh
 
     let consumer = tokio::spawn(relay.clone().run_consumer(shutdown.clone()));
     let retry_lane = tokio::spawn(relay.clone().run_retry_lane(shutdown.clone()));
+    let gauges = tokio::spawn(refresh_table_gauges(pool.clone(), shutdown.clone()));
     let draining = readiness.clone();
     let task = tokio::spawn(async move {
         shutdown.cancelled().await;
         draining.set_shutting_down();
         let _ = consumer.await;
         let _ = retry_lane.await;
+        let _ = gauges.await;
         drop(relay);
         writer_shutdown.cancel();
         let _ = writer_task.await;
@@ -115,7 +119,7 @@ pub async fn start(settings: RelaySettings, shutdown: CancellationToken) -> anyh
 impl Relay {
     /// Counts an attempt's outcome and, for a delivered one, the end-to-end latency
     /// from the event's creation at the ingress.
-    pub(crate) fn observe(&self, attempt: &Attempt, next: &Next, event: &Event) {
+    pub(crate) fn observe(&self, attempt: &Attempt, next: &Next, event: &EventHeader) {
         metrics::histogram!("reach_relay_attempt_duration_seconds").record(attempt.duration.as_secs_f64());
         let outcome = match next {
             Next::Delivered => {
@@ -137,5 +141,96 @@ impl Relay {
                 "callback attempt failed"
             );
         }
+    }
+}
+
+/// How often [`refresh_table_gauges`] reads the tables.
+const TABLE_GAUGE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Sets the gauges read from the database, at start and every 30 s, until `shutdown`
+/// fires. They describe the shared tables, so every relay reports the same values.
+async fn refresh_table_gauges(pool: PgPool, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(TABLE_GAUGE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let read = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            read = read_table_gauges(&pool) => read,
+        };
+        match read {
+            Ok((active, pending, parked)) => {
+                metrics::gauge!("reach_relay_active_subscriptions").set(active as f64);
+                metrics::gauge!("reach_relay_pending_deliveries").set(pending as f64);
+                metrics::gauge!("reach_relay_parked_deliveries").set(parked as f64);
+            }
+            // The gauges keep their last values; readiness already reports the outage.
+            Err(error) => tracing::warn!(%error, "failed to read the subscription and delivery gauges"),
+        }
+    }
+}
+
+/// Active subscriptions, and pending and parked deliveries from the trigger-maintained
+/// counters (counting `webhook_deliveries` itself would scan a large table).
+async fn read_table_gauges(pool: &PgPool) -> Result<(i64, i64, i64), sqlx::Error> {
+    let active: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_subscriptions WHERE status = 'active'")
+        .fetch_one(pool)
+        .await?;
+    let row = sqlx::query(
+        "SELECT coalesce(sum(value) FILTER (WHERE name = 'webhook_deliveries.pending'), 0)::bigint AS pending,
+                coalesce(sum(value) FILTER (WHERE name = 'webhook_deliveries.parked'), 0)::bigint AS parked
+         FROM platform.counters
+         WHERE name IN ('webhook_deliveries.pending', 'webhook_deliveries.parked')",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((active, row.get("pending"), row.get("parked")))
+}
+
+/// Counts one callback attempt in `reach_relay_in_flight{lane}` while it lives, so an
+/// attempt cancelled half-way is still taken off.
+pub(crate) struct InFlight(&'static str);
+
+impl InFlight {
+    /// `lane` is `first` (the consumer's first attempts) or `retry` (the retry lane).
+    pub(crate) fn start(lane: &'static str) -> Self {
+        metrics::gauge!("reach_relay_in_flight", "lane" => lane).increment(1.0);
+        Self(lane)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("reach_relay_in_flight", "lane" => self.0).decrement(1.0);
+    }
+}
+
+/// Gives the relay metrics their help text on `/metrics`, and shows the in-flight
+/// gauges at 0 before the first attempt.
+fn describe_metrics() {
+    metrics::describe_counter!(
+        "reach_relay_deliveries_total",
+        "Delivery outcomes: one per attempt (delivered, retried, parked, disabled) plus first attempts handed to the retry lane (overflowed)"
+    );
+    metrics::describe_histogram!("reach_relay_attempt_duration_seconds", "Time of one callback attempt, failed ones included");
+    metrics::describe_histogram!(
+        "reach_relay_delivery_latency_seconds",
+        "Time from an event's creation at the ingress to its successful delivery; 30 s and more fall in +Inf"
+    );
+    metrics::describe_gauge!("reach_relay_in_flight", "Callback attempts under way now, by lane (first, retry)");
+    metrics::describe_gauge!("reach_relay_active_subscriptions", "Active webhook subscriptions in the database, refreshed every 30 s");
+    metrics::describe_gauge!("reach_relay_pending_deliveries", "Deliveries waiting for an attempt (retry lane backlog), refreshed every 30 s");
+    metrics::describe_gauge!("reach_relay_parked_deliveries", "Deliveries parked for good, refreshed every 30 s");
+    metrics::describe_counter!("reach_relay_events_consumed_total", "Event messages taken from the relay queue");
+    metrics::describe_counter!("reach_relay_events_redelivered_total", "Event messages the broker delivered again after a failure");
+    metrics::describe_counter!("reach_relay_consumer_restarts_total", "Event consumer reconnects after a broker failure");
+    metrics::describe_counter!("reach_relay_retries_claimed_total", "Due deliveries claimed by the retry lane");
+    metrics::describe_counter!("reach_relay_subscriptions_disabled_total", "Subscriptions disabled because their endpoint answered 410 Gone");
+    metrics::describe_histogram!("reach_relay_record_batch_size", "Delivery records written per transaction");
+    for lane in ["first", "retry"] {
+        metrics::gauge!("reach_relay_in_flight", "lane" => lane).increment(0.0);
     }
 }

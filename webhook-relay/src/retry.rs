@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::Relay;
+use crate::{InFlight, Relay};
 use crate::records::Record;
 use crate::sender::Verdict;
 
@@ -147,10 +147,12 @@ impl Relay {
             return Record::Reschedule { delivery_id: claim.delivery_id, at: Utc::now() + Duration::from_secs(1) };
         };
         let body = event.to_body();
+        let in_flight = InFlight::start("retry");
         let attempt = self.sender.send(&subscription, event.id, &body).await;
+        drop(in_flight);
         let attempts = claim.attempt_count as usize + 1;
         let next = self.policy.next(attempt.verdict, attempts);
-        self.observe(&attempt, &next, &event);
+        self.observe(&attempt, &next, &event.header());
         if attempt.verdict == Verdict::Gone {
             self.subscriptions.disable(subscription.id);
         }
