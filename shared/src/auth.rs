@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::settings::{Env, Environment};
 
 /// Claims this service reads; others are ignored.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Claims {
     pub sub: String,
     #[serde(default)]
