@@ -63,6 +63,7 @@ pub async fn start(settings: IngressSettings, shutdown: CancellationToken) -> an
     let settings = Arc::new(settings);
     let readiness = Readiness::default();
     let metrics = telemetry::metrics_handle("reach-ingress");
+    describe_metrics();
     let metrics_addr = ops::serve(settings.common.metrics_addr, metrics, readiness.clone(), shutdown.clone()).await?;
 
     let pool = db::connect(&settings.common.database_url, settings.common.database_max_connections).await?;
@@ -136,4 +137,19 @@ pub async fn start(settings: IngressSettings, shutdown: CancellationToken) -> an
         tracing::info!("ingress stopped");
     });
     Ok(Ingress { ingress_addr, admin_addr, metrics_addr, readiness, task })
+}
+
+/// Gives the ingress metrics their help text on `/metrics`.
+fn describe_metrics() {
+    metrics::describe_counter!(
+        "reach_webhooks_received_total",
+        "Meta webhook POSTs by outcome: accepted, duplicate, unroutable, unparseable, unauthorized, too_large, error"
+    );
+    metrics::describe_counter!("reach_webhook_signature_failures_total", "Webhooks refused for their X-Hub-Signature-256, by reason");
+    metrics::describe_histogram!("reach_ingress_webhook_duration_seconds", "Time from the start of a webhook POST to its answer");
+    metrics::describe_counter!("reach_ingress_events_total", "New events stored from accepted webhooks");
+    metrics::describe_counter!("reach_ingress_unroutable_items_total", "Items of accepted webhooks naming an unknown phone number or WABA");
+    metrics::describe_histogram!("reach_ingress_commit_batch_size", "Webhooks written per storage transaction");
+    metrics::describe_counter!("reach_platform_requests_total", "Audited requests on the operator listener, by action and HTTP status");
+    metrics::describe_counter!("reach_platform_audit_failures_total", "Operator requests answered 503 because their audit row could not be written");
 }

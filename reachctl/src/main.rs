@@ -1,16 +1,21 @@
 //! `reachctl`: the operator command line of Reach Fleet.
 
+mod parked;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
+use reach_shared::audit::{self, AuditEvent};
 use reach_shared::provision::ProvisioningFile;
 use reach_shared::secrets::SecretSealer;
 use reach_shared::settings::{CommonSettings, Env};
-use reach_shared::{db, telemetry};
+use reach_shared::{db, health, telemetry};
+use uuid::Uuid;
 
 #[derive(Parser)]
-#[command(name = "reachctl", version, about = "Operate a Reach Fleet deployment")]
+#[command(name = "reachctl", version, about = "Operate a Reach Fleet deployment (reads DATABASE_URL)")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,7 +23,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Apply every pending database migration (reads DATABASE_URL).
+    /// Apply every pending database migration.
     Migrate,
     /// Apply a provisioning file: orgs, WABAs, phone numbers, webhook subscriptions.
     /// Applying the same file twice changes nothing.
@@ -27,6 +32,70 @@ enum Command {
         #[arg(long)]
         file: PathBuf,
     },
+    /// Print the health figures of /platform/health as JSON (audited).
+    Health {
+        #[command(flatten)]
+        operator: Operator,
+    },
+    /// List or replay parked webhook deliveries.
+    Parked {
+        #[command(subcommand)]
+        command: ParkedCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct Operator {
+    /// Who runs the command, recorded in the audit log.
+    #[arg(long, env = "REACH_OPERATOR")]
+    actor: String,
+}
+
+#[derive(Subcommand)]
+enum ParkedCommand {
+    /// List parked deliveries as JSON lines, oldest first.
+    List {
+        #[command(flatten)]
+        selection: SelectionArgs,
+        /// Maximum number of deliveries listed.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Put parked deliveries back to pending with a fresh retry schedule.
+    Replay {
+        #[command(flatten)]
+        selection: SelectionArgs,
+        /// Why they are replayed; recorded in the audit log. Required.
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        operator: Operator,
+    },
+}
+
+#[derive(clap::Args)]
+struct SelectionArgs {
+    /// Delivery id; repeat for several.
+    #[arg(long = "id")]
+    ids: Vec<i64>,
+    /// Only deliveries of this org.
+    #[arg(long = "org")]
+    org_id: Option<Uuid>,
+    /// Only deliveries of this subscription.
+    #[arg(long = "subscription")]
+    subscription_id: Option<Uuid>,
+    /// Parked at or after this time (RFC 3339, for example 2026-12-04T10:00:00Z).
+    #[arg(long)]
+    since: Option<DateTime<Utc>>,
+    /// Parked before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<DateTime<Utc>>,
+}
+
+impl From<SelectionArgs> for parked::Selection {
+    fn from(args: SelectionArgs) -> Self {
+        Self { ids: args.ids, org_id: args.org_id, subscription_id: args.subscription_id, since: args.since, until: args.until }
+    }
 }
 
 #[tokio::main]
@@ -48,11 +117,35 @@ async fn main() -> anyhow::Result<()> {
             let written = provisioning.apply(&pool, &sealer).await?;
             report(&serde_json::json!({"provisioned": written}));
         }
+        Command::Health { operator } => {
+            let figures = health::report(&pool).await?;
+            let event = AuditEvent {
+                actor_user_id: Some(operator.actor),
+                action: "PlatformHealth.Show".to_owned(),
+                target_type: Some("platform".to_owned()),
+                target_id: Some("health".to_owned()),
+                user_agent: Some(concat!("reachctl/", env!("CARGO_PKG_VERSION")).to_owned()),
+                status_code: 200,
+                ..AuditEvent::default()
+            };
+            audit::record(&pool, &event).await.context("failed to write the audit event")?;
+            report(&serde_json::to_value(figures)?);
+        }
+        Command::Parked { command: ParkedCommand::List { selection, limit } } => {
+            for delivery in parked::list(&pool, &selection.into(), limit).await? {
+                report(&serde_json::to_value(delivery)?);
+            }
+        }
+        Command::Parked { command: ParkedCommand::Replay { selection, reason, operator } } => {
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let replayed = parked::replay(&pool, &selection.into(), &reason, &operator.actor, progress).await?;
+            report(&serde_json::to_value(replayed)?);
+        }
     }
     Ok(())
 }
 
-/// Prints the command's result as one JSON line on stdout, for scripts.
+/// Prints one JSON line on stdout, for scripts.
 #[allow(clippy::print_stdout)]
 fn report(value: &serde_json::Value) {
     println!("{value}");

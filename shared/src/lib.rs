@@ -5,10 +5,12 @@
 //! Layout:
 //! - [`settings`]: environment variables into typed, validated settings.
 //! - [`telemetry`], [`ops`]: JSON logs, the Prometheus recorder, `/metrics`, `/livez`, `/readyz`.
+//! - [`audit`]: the append-only operator audit log.
 //! - [`auth`]: verifying the identity provider's JWTs.
 //! - [`db`]: pool and embedded migrations.
 //! - [`amqp`]: connection and the one place where exchanges and queues are declared.
 //! - [`outbox`]: writing outbox rows inside a business transaction, and the publisher.
+//! - [`health`]: the operators' health figures.
 //! - [`events`]: event types and the callback body customers receive.
 //! - [`signing`]: Meta's `X-Hub-Signature-256` and Standard Webhooks signatures.
 //! - [`provision`]: applying a provisioning file (orgs, numbers, subscriptions).
@@ -17,9 +19,11 @@
 //! - [`shutdown`]: the cancellation token fired by SIGTERM or Ctrl-C.
 
 pub mod amqp;
+pub mod audit;
 pub mod auth;
 pub mod db;
 pub mod events;
+pub mod health;
 pub mod ops;
 pub mod provision;
 pub mod outbox;

@@ -123,6 +123,7 @@ impl Publisher {
     /// Runs the publisher workers and the retention sweep until `shutdown` fires. Each
     /// worker reconnects on its own after a broker or database failure.
     pub async fn run(self, shutdown: CancellationToken) {
+        describe_metrics();
         let mut tasks = tokio::task::JoinSet::new();
         for worker in 0..self.settings.workers.max(1) {
             let publisher = self.clone();
@@ -352,6 +353,26 @@ impl Publisher {
             metrics::gauge!("reach_outbox_oldest_pending_age_seconds").set(row.get::<f64, _>("oldest"));
         }
     }
+}
+
+/// Gives the publisher's metrics their help text on `/metrics`.
+fn describe_metrics() {
+    metrics::describe_counter!("reach_outbox_published_total", "Outbox rows published and confirmed by the broker");
+    metrics::describe_counter!(
+        "reach_outbox_publish_failures_total",
+        "Outbox rows the broker returned or nacked, or with an unknown topic; they are retried with backoff"
+    );
+    metrics::describe_counter!("reach_outbox_publisher_restarts_total", "Publisher reconnects after a broker failure");
+    metrics::describe_histogram!("reach_outbox_publish_batch_size", "Rows claimed per publish transaction");
+    metrics::describe_histogram!(
+        "reach_outbox_publish_duration_seconds",
+        "Time of one publish transaction: claim, publish, confirms and commit"
+    );
+    metrics::describe_gauge!("reach_outbox_pending", "Outbox rows in state pending (capped at 100000), refreshed every 30 s");
+    metrics::describe_gauge!(
+        "reach_outbox_oldest_pending_age_seconds",
+        "Age of the oldest pending outbox row, refreshed every 30 s; 0 when none is pending"
+    );
 }
 
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);

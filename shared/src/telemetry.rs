@@ -1,6 +1,7 @@
 //! Structured JSON logs and the process-wide Prometheus recorder.
 
 use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
@@ -40,8 +41,15 @@ pub fn metrics_handle(service: &'static str) -> PrometheusHandle {
                 .expect("bucket lists are non-empty constants")
                 .install_recorder()
                 .expect("no other metrics recorder is installed in this process");
+            metrics::describe_gauge!("reach_build_info", "Always 1; labels name the service and its version");
+            metrics::describe_gauge!(
+                "reach_process_start_time_seconds",
+                "Unix time at which this process installed its metrics recorder; a change is a restart"
+            );
             metrics::gauge!("reach_build_info", "service" => service, "version" => env!("CARGO_PKG_VERSION"))
                 .set(1.0);
+            let started = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+            metrics::gauge!("reach_process_start_time_seconds").set(started.as_secs_f64());
             handle
         })
         .clone()

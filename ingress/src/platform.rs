@@ -2,7 +2,6 @@
 //! included, writes a row to `platform.audit_events` before its response leaves; when
 //! the audit row cannot be written the response is a 503, never an unaudited answer.
 
-mod health;
 
 use std::net::SocketAddr;
 
@@ -14,10 +13,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Json;
 use reach_shared::auth::{AuthError, Claims, TokenVerifier};
+use reach_shared::audit::{self, AuditEvent};
+use reach_shared::health;
 use serde_json::json;
 use sqlx::PgPool;
 
-pub use health::HealthReport;
 
 #[derive(Clone)]
 pub struct PlatformState {
@@ -38,7 +38,7 @@ struct AuditNote {
 
 pub fn router(state: PlatformState) -> Router {
     Router::new()
-        .route("/platform/health", get(health::show))
+        .route("/platform/health", get(show_health))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), audit))
         .with_state(state)
@@ -88,23 +88,19 @@ async fn audit(State(state): State<PlatformState>, request: Request, next: Next)
     let action = if note.action.is_empty() { "Platform.Unknown" } else { note.action };
     let status = response.status();
 
-    let written = sqlx::query(
-        "INSERT INTO platform.audit_events
-             (actor_user_id, actor_email, action, target_type, target_id, target_org_id, ip, user_agent, status_code, reason)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(note.actor.as_ref().map(|c| c.sub.clone()))
-    .bind(note.actor.as_ref().and_then(|c| c.email.clone()))
-    .bind(action)
-    .bind(note.target_type)
-    .bind(note.target_id.or(Some(path)))
-    .bind(note.actor.as_ref().and_then(|c| c.org_id))
-    .bind(ip)
-    .bind(user_agent)
-    .bind(i32::from(status.as_u16()))
-    .bind(note.reason)
-    .execute(&state.pool)
-    .await;
+    let event = AuditEvent {
+        actor_user_id: note.actor.as_ref().map(|c| c.sub.clone()),
+        actor_email: note.actor.as_ref().and_then(|c| c.email.clone()),
+        action: action.to_owned(),
+        target_type: note.target_type.map(str::to_owned),
+        target_id: note.target_id.or(Some(path)),
+        target_org_id: note.actor.as_ref().and_then(|c| c.org_id),
+        ip,
+        user_agent,
+        status_code: i32::from(status.as_u16()),
+        reason: note.reason,
+    };
+    let written = audit::record(&state.pool, &event).await;
     match written {
         Ok(_) => {
             metrics::counter!("reach_platform_requests_total", "action" => action, "status" => status.as_str().to_owned()).increment(1);
@@ -116,4 +112,28 @@ async fn audit(State(state): State<PlatformState>, request: Request, next: Next)
             error_response(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", "the audit log is unavailable; try again")
         }
     }
+}
+
+/// `GET /platform/health`.
+async fn show_health(State(state): State<PlatformState>, headers: HeaderMap) -> Response {
+    const ACTION: &str = "PlatformHealth.Show";
+    let claims = match authorize(&state, &headers) {
+        Ok(claims) => claims,
+        Err((_, mut note, mut response)) => {
+            note.action = ACTION;
+            note.target_type = Some("platform");
+            response.extensions_mut().insert(note);
+            return response;
+        }
+    };
+    let note = AuditNote { action: ACTION, target_type: Some("platform"), target_id: Some("health".to_owned()), reason: None, actor: Some(claims) };
+    let mut response = match health::report(&state.pool).await {
+        Ok(report) => (StatusCode::OK, Json(report)).into_response(),
+        Err(error) => {
+            tracing::error!(%error, "failed to read the health figures");
+            error_response(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "failed to read the health figures; try again")
+        }
+    };
+    response.extensions_mut().insert(note);
+    response
 }

@@ -1,18 +1,13 @@
-//! `GET /platform/health`: outbox, webhook delivery and phone-number quality figures for
-//! operators. It reads maintained counters and bounded queries, never whole-table
-//! counts, and never returns message bodies, phone numbers or secrets.
+//! The operators' health figures (`/platform/health`, `reachctl health`): outbox,
+//! webhook delivery and phone-number quality. They come from maintained counters and
+//! bounded queries, never whole-table counts, and never include message bodies, phone
+//! numbers or secrets.
 
 use std::collections::BTreeMap;
 
-use axum::Json;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use sqlx::{PgPool, Row};
-
-use super::{AuditNote, PlatformState, authorize, error_response};
 
 #[derive(Debug, Serialize)]
 pub struct HealthReport {
@@ -41,30 +36,6 @@ pub struct WebhookHealth {
 #[derive(Debug, Serialize)]
 pub struct PhoneNumberHealth {
     pub quality: BTreeMap<&'static str, i64>,
-}
-
-const ACTION: &str = "PlatformHealth.Show";
-
-pub async fn show(State(state): State<PlatformState>, headers: HeaderMap) -> Response {
-    let claims = match authorize(&state, &headers) {
-        Ok(claims) => claims,
-        Err((_, mut note, mut response)) => {
-            note.action = ACTION;
-            note.target_type = Some("platform");
-            response.extensions_mut().insert(note);
-            return response;
-        }
-    };
-    let note = AuditNote { action: ACTION, target_type: Some("platform"), target_id: Some("health".to_owned()), reason: None, actor: Some(claims) };
-    let mut response = match report(&state.pool).await {
-        Ok(report) => (StatusCode::OK, Json(report)).into_response(),
-        Err(error) => {
-            tracing::error!(%error, "failed to read the health figures");
-            error_response(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "failed to read the health figures; try again")
-        }
-    };
-    response.extensions_mut().insert(note);
-    response
 }
 
 /// Reads the figures: counter sums, the oldest pending outbox row by index, and the
