@@ -97,6 +97,57 @@ async fn killed_relay_delivers_everything() {
     h.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_relay_drains_cleanly() {
+    let h = Harness::without_relay().await;
+    let endpoint = Subscriber::scripted(Vec::new(), Reply::status(204).delay(Duration::from_millis(20))).await;
+    let sub = Sub::new(&endpoint.url, &["*"]);
+    let org = h.provision_org(&[&sub]).await;
+    let events: Vec<Event> = (0..EVENTS).map(|i| event(org, EventType::ALL[i % EventType::ALL.len()])).collect();
+    let ids: HashSet<Uuid> = events.iter().map(|e| e.id).collect();
+    h.publish(&events).await;
+
+    let env = h.relay_env(&[("REACH_RELAY_PREFETCH", "64"), ("REACH_RELAY_SUBSCRIPTION_IN_FLIGHT", "8")]);
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("relay-{}.log", h.prefix));
+    let log_name = log.display().to_string();
+    let mut first = spawn_relay(&env, &log);
+    wait_for(&format!("the first relay to make 100 callbacks (relay log: {log_name})"), || async {
+        (endpoint.count() >= 100).then_some(())
+    })
+    .await;
+
+    // SIGTERM under load: attempts in hand finish and are recorded, the rest go back to
+    // the queue, and the process exits on its own.
+    let pid = first.id().expect("the relay is running").to_string();
+    let signalled = Command::new("kill").args(["-TERM", &pid]).status().await.expect("failed to run kill");
+    assert!(signalled.success(), "kill -TERM {pid} failed");
+    let exit = tokio::time::timeout(Duration::from_secs(20), first.wait()).await;
+    assert!(matches!(&exit, Ok(Ok(status)) if status.success()), "the relay exits cleanly on SIGTERM: {exit:?} (relay log: {log_name})");
+    let at_stop = endpoint.count();
+    assert!(at_stop < EVENTS, "the relay stopped after all {EVENTS} callbacks, not mid-stream; slow the endpoint down");
+    // Rows are delivered, or pending when a busy subscription handed them to the retry lane.
+    let recorded = h.deliveries().await;
+    let delivered = recorded.iter().filter(|d| d.status == "delivered").count();
+    let statuses: HashSet<&str> = recorded.iter().map(|d| d.status.as_str()).collect();
+    assert!(statuses.iter().all(|s| ["delivered", "pending"].contains(s)), "nothing is parked by a stop: {statuses:?}");
+    assert_eq!(delivered, at_stop, "each callback made before the stop is recorded as delivered");
+
+    let mut second = spawn_relay(&env, &log);
+    wait_for_within(&format!("every delivery to be delivered (relay log: {log_name})"), Duration::from_secs(60), || async {
+        let deliveries = h.deliveries().await;
+        (deliveries.len() == EVENTS && deliveries.iter().all(|d| d.status == "delivered")).then_some(())
+    })
+    .await;
+    let received = endpoint.received();
+    let distinct: HashSet<Uuid> = received.iter().map(|r| r.webhook_id()).collect();
+    assert_eq!(distinct, ids, "every event reaches the endpoint");
+    assert_eq!(received.len(), EVENTS, "a graceful stop sends nothing twice ({at_stop} callbacks before the stop)");
+
+    second.kill().await.expect("failed to stop the second relay");
+    let _ = std::fs::remove_file(&log);
+    h.finish().await;
+}
+
 /// Takes the first message of the relay queue and returns it unacknowledged, twice, so
 /// the relay receives it as a redelivery. Returns whether the broker flagged the second
 /// delivery as redelivered.
