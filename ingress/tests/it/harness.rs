@@ -31,7 +31,6 @@ pub const FIXTURE_DISPLAY: &str = "15550001111";
 /// How long a test waits for an asynchronous result before failing.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
-/// Reads a file under `fixtures/meta` byte for byte.
 /// HS256 key of the test identity provider.
 pub const JWT_SECRET: &str = "test-identity-provider-secret";
 
@@ -47,6 +46,7 @@ pub fn token(claims: Value) -> String {
     .expect("test claims serialise")
 }
 
+/// Reads a file under `fixtures/meta` byte for byte.
 pub fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/../fixtures/meta/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|error| panic!("failed to read fixture {path}: {error}"))

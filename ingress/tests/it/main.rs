@@ -12,5 +12,6 @@ mod outbox;
 mod parsing;
 mod platform;
 mod routing;
+mod shutdown;
 mod signatures;
 mod statuses;
