@@ -161,3 +161,46 @@ stop_started() {
     done
     STARTED_NAMES=()
 }
+
+# Forgets a process started by start_background, so stop_started leaves it alone.
+forget_background() {
+    local name=$1 kept=() started
+    for started in "${STARTED_NAMES[@]}"; do
+        [[ "$started" == "$name" ]] || kept+=("$started")
+    done
+    STARTED_NAMES=("${kept[@]}")
+    unset "STARTED_PIDS[$name]" "STARTED_LOGS[$name]"
+}
+
+# Stops one process started by start_background the way stop_started does (SIGTERM,
+# then SIGKILL after REACH_STOP_TIMEOUT_SECONDS) and forgets it: stop_background NAME.
+stop_background() {
+    local name=$1 pid status=0
+    pid=${STARTED_PIDS[$name]:-}
+    [[ -n "$pid" ]] || return 0
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 $((${REACH_STOP_TIMEOUT_SECONDS:-30} * 10))); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "$name did not stop after SIGTERM; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    wait "$pid" 2>/dev/null || status=$?
+    log "stopped $name (exit status $status)"
+    forget_background "$name"
+}
+
+# Waits until a process started by start_background exits by itself, forgets it and
+# returns its exit status: wait_background NAME.
+wait_background() {
+    local name=$1 pid status=0
+    pid=${STARTED_PIDS[$name]}
+    wait "$pid" || status=$?
+    log "$name exited (exit status $status)"
+    forget_background "$name"
+    return "$status"
+}

@@ -167,14 +167,15 @@ async fn refresh_table_gauges(pool: PgPool, shutdown: CancellationToken) {
                 metrics::gauge!("reach_relay_pending_deliveries").set(pending as f64);
                 metrics::gauge!("reach_relay_parked_deliveries").set(parked as f64);
             }
-            // The gauges keep their last values; readiness already reports the outage.
-            Err(error) => tracing::warn!(%error, "failed to read the subscription and delivery gauges"),
+            // A failed read leaves the gauges at their last values.
+            Err(error) => tracing::warn!(%error, "failed to read the subscription and delivery gauges, retrying in 30 s"),
         }
     }
 }
 
-/// Active subscriptions, and pending and parked deliveries from the trigger-maintained
-/// counters (counting `webhook_deliveries` itself would scan a large table).
+/// Reads the active subscriptions, and the pending and parked deliveries from the
+/// trigger-maintained `platform.counters`, because counting `webhook_deliveries` itself
+/// would scan a large table.
 async fn read_table_gauges(pool: &PgPool) -> Result<(i64, i64, i64), sqlx::Error> {
     let active: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_subscriptions WHERE status = 'active'")
         .fetch_one(pool)
@@ -218,7 +219,7 @@ fn describe_metrics() {
     metrics::describe_histogram!("reach_relay_attempt_duration_seconds", "Time of one callback attempt, failed ones included");
     metrics::describe_histogram!(
         "reach_relay_delivery_latency_seconds",
-        "Time from an event's creation at the ingress to its successful delivery; 30 s and more fall in +Inf"
+        "Time from an event's creation at the ingress to its successful delivery. Deliveries after 30 s fall in +Inf"
     );
     metrics::describe_gauge!("reach_relay_in_flight", "Callback attempts under way now, by lane (first, retry)");
     metrics::describe_gauge!("reach_relay_active_subscriptions", "Active webhook subscriptions in the database, refreshed every 30 s");
@@ -228,7 +229,7 @@ fn describe_metrics() {
     metrics::describe_counter!("reach_relay_events_redelivered_total", "Event messages the broker delivered again after a failure");
     metrics::describe_counter!("reach_relay_consumer_restarts_total", "Event consumer reconnects after a broker failure");
     metrics::describe_counter!("reach_relay_retries_claimed_total", "Due deliveries claimed by the retry lane");
-    metrics::describe_counter!("reach_relay_subscriptions_disabled_total", "Subscriptions disabled because their endpoint answered 410 Gone");
+    metrics::describe_counter!("reach_relay_subscriptions_disabled_total", "410 Gone answers acted on, once per subscription and record batch, even when the subscription was already disabled");
     metrics::describe_histogram!("reach_relay_record_batch_size", "Delivery records written per transaction");
     for lane in ["first", "retry"] {
         metrics::gauge!("reach_relay_in_flight", "lane" => lane).increment(0.0);
