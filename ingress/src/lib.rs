@@ -68,6 +68,7 @@ pub async fn start(settings: IngressSettings, shutdown: CancellationToken) -> an
 
     let pool = db::connect(&settings.common.database_url, settings.common.database_max_connections).await?;
     readiness.set_database_up(true);
+    ops::probe_database(pool.clone(), readiness.clone(), std::time::Duration::from_secs(2), shutdown.clone());
     let waker = OutboxWaker::default();
     let (store, mut writers) = WebhookStore::start(pool.clone(), settings.store.clone(), waker.clone());
 

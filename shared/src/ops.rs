@@ -48,6 +48,29 @@ impl Readiness {
     }
 }
 
+/// Pings Postgres every `interval` and records the result in `readiness`, so `/readyz`
+/// turns 503 while the database is unreachable. Stops with `shutdown`.
+pub fn probe_database(pool: sqlx::PgPool, readiness: Readiness, interval: std::time::Duration, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            let ping = tokio::time::timeout(interval, sqlx::query("SELECT 1").execute(&pool)).await;
+            let up = matches!(ping, Ok(Ok(_)));
+            if up != readiness.inner.database_up.load(Ordering::Relaxed) {
+                if up {
+                    tracing::info!("database reachable again");
+                } else {
+                    tracing::warn!("database unreachable, readiness is 503");
+                }
+            }
+            readiness.set_database_up(up);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    });
+}
+
 #[derive(Clone)]
 struct OpsState {
     metrics: PrometheusHandle,

@@ -11,6 +11,12 @@ const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Buckets of the end-to-end delivery latency, which includes retries: from 5 ms to a
+/// day, so a callback delivered by the retry schedule still lands in a bucket.
+const DELIVERY_LATENCY_BUCKETS_SECONDS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 300.0, 1800.0, 7200.0, 21600.0, 86400.0,
+];
+
 /// Buckets of every `*_size` histogram (rows or messages per batch).
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
 
@@ -38,6 +44,12 @@ pub fn metrics_handle(service: &'static str) -> PrometheusHandle {
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_SECONDS)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".into()), BATCH_BUCKETS))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("reach_relay_delivery_latency_seconds".into()),
+                        DELIVERY_LATENCY_BUCKETS_SECONDS,
+                    )
+                })
                 .expect("bucket lists are non-empty constants")
                 .install_recorder()
                 .expect("no other metrics recorder is installed in this process");

@@ -77,6 +77,7 @@ pub async fn start(settings: RelaySettings, shutdown: CancellationToken) -> anyh
 
     let pool = db::connect(&settings.common.database_url, settings.common.database_max_connections).await?;
     readiness.set_database_up(true);
+    ops::probe_database(pool.clone(), readiness.clone(), std::time::Duration::from_secs(2), shutdown.clone());
     // The writer outlives the consumers: it is stopped only after they have finished.
     let writer_shutdown = CancellationToken::new();
     let (writer, writer_task) = RecordWriter::start(pool.clone(), writer_shutdown.clone());

@@ -356,13 +356,14 @@ async fn insert_attempts(tx: &mut Transaction<'_, Postgres>, attempts: &[(i64, U
 
 /// A 410 disables the subscription and parks everything still pending for it.
 async fn disable_subscription(tx: &mut Transaction<'_, Postgres>, subscription_id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    let disabled = sqlx::query(
         "UPDATE webhook_subscriptions SET status = 'disabled', disabled_reason = 'endpoint answered 410 Gone', updated_at = now()
          WHERE id = $1 AND status = 'active'",
     )
     .bind(subscription_id)
     .execute(&mut **tx)
-    .await?;
+    .await?
+    .rows_affected();
     let parked = sqlx::query(
         "UPDATE webhook_deliveries SET status = 'parked', parked_at = now(), next_attempt_at = NULL,
              last_error = 'subscription disabled after 410 Gone', updated_at = now()
@@ -371,8 +372,10 @@ async fn disable_subscription(tx: &mut Transaction<'_, Postgres>, subscription_i
     .bind(subscription_id)
     .execute(&mut **tx)
     .await?;
-    tracing::warn!(%subscription_id, parked = parked.rows_affected(), "disabled a subscription whose endpoint answered 410 Gone");
-    metrics::counter!("reach_relay_subscriptions_disabled_total").increment(1);
+    if disabled > 0 {
+        tracing::warn!(%subscription_id, parked = parked.rows_affected(), "disabled a subscription whose endpoint answered 410 Gone");
+        metrics::counter!("reach_relay_subscriptions_disabled_total").increment(1);
+    }
     Ok(())
 }
 
