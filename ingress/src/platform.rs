@@ -10,11 +10,11 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Json;
 use reach_shared::auth::{AuthError, Claims, TokenVerifier};
 use reach_shared::audit::{self, AuditEvent};
-use reach_shared::health;
+use reach_shared::{health, parked};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -39,6 +39,7 @@ struct AuditNote {
 pub fn router(state: PlatformState) -> Router {
     Router::new()
         .route("/platform/health", get(show_health))
+        .route("/platform/webhook-deliveries/replay", post(replay_parked))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), audit))
         .with_state(state)
@@ -132,6 +133,77 @@ async fn show_health(State(state): State<PlatformState>, headers: HeaderMap) -> 
         Err(error) => {
             tracing::error!(%error, "failed to read the health figures");
             error_response(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "failed to read the health figures; try again")
+        }
+    };
+    response.extensions_mut().insert(note);
+    response
+}
+
+/// Body of `POST /platform/webhook-deliveries/replay`: a selection and the reason.
+#[derive(Debug, serde::Deserialize)]
+struct ReplayRequest {
+    #[serde(flatten)]
+    selection: parked::Selection,
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /platform/webhook-deliveries/replay`: puts the selected parked deliveries back
+/// to pending. The replay writes its own audit event (`ParkedDeliveries.Replay`) in its
+/// transaction; the request is audited like every other.
+async fn replay_parked(
+    State(state): State<PlatformState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    const ACTION: &str = "PlatformParkedDeliveries.Replay";
+    let mut note = AuditNote { action: ACTION, target_type: Some("webhook_deliveries"), ..AuditNote::default() };
+    let claims = match authorize(&state, &headers) {
+        Ok(claims) => claims,
+        Err((_, refused, mut response)) => {
+            note.reason = refused.reason;
+            note.actor = refused.actor;
+            response.extensions_mut().insert(note);
+            return response;
+        }
+    };
+    note.actor = Some(claims.clone());
+    let request: ReplayRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => {
+            let message = format!("invalid request body: {error}");
+            note.reason = Some(message.clone());
+            let mut response = error_response(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", &message);
+            response.extensions_mut().insert(note);
+            return response;
+        }
+    };
+    note.reason = Some(request.reason.clone());
+    let invalid = if request.reason.trim().is_empty() {
+        Some("reason is required: say why these deliveries are replayed")
+    } else if request.selection.is_empty() {
+        Some("select what to replay: ids, or a window with since/until, org_id or subscription_id")
+    } else {
+        None
+    };
+    if let Some(message) = invalid {
+        let mut response = error_response(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message);
+        response.extensions_mut().insert(note);
+        return response;
+    }
+
+    let requester = parked::Requester {
+        user_id: claims.sub.clone(),
+        email: claims.email.clone(),
+        ip: Some(peer.ip().to_string()),
+        user_agent: headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned),
+    };
+    let mut response = match parked::replay(&state.pool, &request.selection, &request.reason, &requester, |_| {}).await {
+        Ok(report) => (StatusCode::OK, Json(report)).into_response(),
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "failed to replay parked deliveries");
+            error_response(StatusCode::SERVICE_UNAVAILABLE, "replay_failed", "failed to replay the parked deliveries; try again")
         }
     };
     response.extensions_mut().insert(note);

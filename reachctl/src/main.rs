@@ -1,13 +1,13 @@
 //! `reachctl`: the operator command line of Reach Fleet.
 
-mod parked;
-
 use std::path::PathBuf;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 use reach_shared::audit::{self, AuditEvent};
+use reach_shared::parked;
 use reach_shared::provision::ProvisioningFile;
 use reach_shared::secrets::SecretSealer;
 use reach_shared::settings::{CommonSettings, Env};
@@ -137,8 +137,22 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Parked { command: ParkedCommand::Replay { selection, reason, operator } } => {
-            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let replayed = parked::replay(&pool, &selection.into(), &reason, &operator.actor, progress).await?;
+            let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressBar::new(0) } else { ProgressBar::hidden() };
+            bar.set_style(
+                ProgressStyle::with_template("{bar:40} {pos}/{len} deliveries replayed ({per_sec}, {eta} left)")
+                    .expect("the progress template is valid"),
+            );
+            let requester = parked::Requester {
+                user_id: operator.actor,
+                user_agent: Some(concat!("reachctl/", env!("CARGO_PKG_VERSION")).to_owned()),
+                ..parked::Requester::default()
+            };
+            let replayed = parked::replay(&pool, &selection.into(), &reason, &requester, |progress| match progress {
+                parked::Progress::Total(total) => bar.set_length(total),
+                parked::Progress::Replayed(done) => bar.set_position(done),
+            })
+            .await?;
+            bar.finish();
             report(&serde_json::to_value(replayed)?);
         }
     }

@@ -11,6 +11,7 @@
 //! - [`amqp`]: connection and the one place where exchanges and queues are declared.
 //! - [`outbox`]: writing outbox rows inside a business transaction, and the publisher.
 //! - [`health`]: the operators' health figures.
+//! - [`parked`]: listing and replaying parked deliveries.
 //! - [`events`]: event types and the callback body customers receive.
 //! - [`signing`]: Meta's `X-Hub-Signature-256` and Standard Webhooks signatures.
 //! - [`provision`]: applying a provisioning file (orgs, numbers, subscriptions).
@@ -27,6 +28,7 @@ pub mod health;
 pub mod ops;
 pub mod provision;
 pub mod outbox;
+pub mod parked;
 pub mod secrets;
 pub mod settings;
 pub mod shutdown;

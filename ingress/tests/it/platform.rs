@@ -118,3 +118,60 @@ async fn unknown_platform_route_audited() {
     assert_eq!(action, "Platform.NotFound");
     ingress.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_replay_needs_reason() {
+    let ingress = TestIngress::start().await;
+    let org_id = ingress.provision_fixture_org().await;
+    let subscription = uuid::Uuid::new_v4();
+    sqlx::query("INSERT INTO webhook_subscriptions (id, org_id, url, event_types) VALUES ($1, $2, 'https://hooks.test/x', '{*}')")
+        .bind(subscription)
+        .bind(org_id)
+        .execute(&ingress.pool)
+        .await
+        .expect("insert a subscription");
+    sqlx::query(
+        "INSERT INTO events (id, org_id, type, dedup_key, data, created_at)
+         SELECT gen_random_uuid(), $1, 'message.received', 'k' || n, '{}', now() FROM generate_series(1, 3) AS n",
+    )
+    .bind(org_id)
+    .execute(&ingress.pool)
+    .await
+    .expect("insert events");
+    sqlx::query("INSERT INTO webhook_deliveries (org_id, event_id, subscription_id, status, parked_at) SELECT org_id, id, $1, 'parked', now() FROM events")
+        .bind(subscription)
+        .execute(&ingress.pool)
+        .await
+        .expect("insert parked deliveries");
+
+    let url = format!("http://{}/platform/webhook-deliveries/replay", ingress.admin_addr);
+    let admin = format!("Bearer {}", token(json!({"sub": "op-1", "email": "ops@reach.test", "platform_admin": true})));
+    let without_token = ingress.client.post(&url).json(&json!({"org_id": org_id, "reason": "fixed"})).send().await.unwrap();
+    assert_eq!(without_token.status(), StatusCode::UNAUTHORIZED);
+    let without_reason = ingress.client.post(&url).header("authorization", &admin).json(&json!({"org_id": org_id})).send().await.unwrap();
+    assert_eq!(without_reason.status(), StatusCode::UNPROCESSABLE_ENTITY, "a replay needs a reason");
+    let without_selection = ingress.client.post(&url).header("authorization", &admin).json(&json!({"reason": "fixed"})).send().await.unwrap();
+    assert_eq!(without_selection.status(), StatusCode::UNPROCESSABLE_ENTITY, "a replay needs a selection");
+    assert_eq!(ingress.count("SELECT count(*) FROM webhook_deliveries WHERE status = 'parked'").await, 3, "refused replays change nothing");
+
+    let replayed = ingress
+        .client
+        .post(&url)
+        .header("authorization", &admin)
+        .json(&json!({"org_id": org_id, "reason": "endpoint fixed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replayed.status(), StatusCode::OK);
+    let body: Value = replayed.json().await.unwrap();
+    assert_eq!(body["replayed"], 3, "{body}");
+    assert_eq!(ingress.count("SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'").await, 3);
+
+    let audited: Vec<(String, i32, Option<String>)> =
+        sqlx::query_as("SELECT action, status_code, reason FROM platform.audit_events ORDER BY id").fetch_all(&ingress.pool).await.unwrap();
+    let statuses: Vec<i32> = audited.iter().filter(|a| a.0 == "PlatformParkedDeliveries.Replay").map(|a| a.1).collect();
+    assert_eq!(statuses, vec![401, 422, 422, 200], "every request is audited");
+    let change = audited.iter().find(|a| a.0 == "ParkedDeliveries.Replay").expect("the replay itself is audited");
+    assert!(change.2.as_deref().unwrap_or_default().starts_with("endpoint fixed"), "{change:?}");
+    ingress.finish().await;
+}

@@ -1,18 +1,20 @@
-//! `reachctl parked`: listing and replaying parked webhook deliveries. A replay puts
-//! deliveries back to pending with a fresh retry schedule; the relay's retry lane takes
-//! them within a sweep. Each replay run writes one audit event with its reason.
+//! Listing and replaying parked webhook deliveries, for `reachctl parked` and the
+//! operator listener. A replay puts deliveries back to pending with a fresh retry
+//! schedule; the relay's retry lane takes them within a sweep. Each replay writes one
+//! audit event with its reason, in the same transaction.
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
-use indicatif::{ProgressBar, ProgressStyle};
-use reach_shared::audit::{self, AuditEvent};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+use crate::audit::{self, AuditEvent};
+
 /// Which parked deliveries a command applies to.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct Selection {
+    #[serde(default)]
     pub ids: Vec<i64>,
     pub org_id: Option<Uuid>,
     pub subscription_id: Option<Uuid>,
@@ -21,7 +23,7 @@ pub struct Selection {
 }
 
 impl Selection {
-    fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.ids.is_empty() && self.org_id.is_none() && self.subscription_id.is_none() && self.since.is_none() && self.until.is_none()
     }
 }
@@ -78,6 +80,15 @@ pub async fn list(pool: &PgPool, selection: &Selection, limit: i64) -> anyhow::R
         .collect())
 }
 
+/// Progress of a replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Deliveries that will be replayed.
+    Total(u64),
+    /// Deliveries replayed so far.
+    Replayed(u64),
+}
+
 /// Outcome of a replay run.
 #[derive(Debug, Default, Serialize)]
 pub struct ReplayReport {
@@ -86,8 +97,24 @@ pub struct ReplayReport {
     pub skipped_disabled: u64,
 }
 
-/// Replays the selected parked deliveries in batches, with a progress bar on stderr.
-pub async fn replay(pool: &PgPool, selection: &Selection, reason: &str, actor: &str, show_progress: bool) -> anyhow::Result<ReplayReport> {
+/// Who asked for a replay, as recorded in the audit event.
+#[derive(Debug, Clone, Default)]
+pub struct Requester {
+    pub user_id: String,
+    pub email: Option<String>,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+/// Replays the selected parked deliveries in batches of 1,000, calling `progress` with
+/// the total first and then after each batch with the count so far.
+pub async fn replay(
+    pool: &PgPool,
+    selection: &Selection,
+    reason: &str,
+    requester: &Requester,
+    mut progress: impl FnMut(Progress),
+) -> anyhow::Result<ReplayReport> {
     if reason.trim().is_empty() {
         bail!("--reason is required and must not be empty: say why these deliveries are replayed");
     }
@@ -105,11 +132,7 @@ pub async fn replay(pool: &PgPool, selection: &Selection, reason: &str, actor: &
     let total: i64 = counts.get("replayable");
     let skipped_disabled: i64 = counts.get("disabled");
 
-    let progress = if show_progress { ProgressBar::new(total as u64) } else { ProgressBar::hidden() };
-    progress.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} deliveries replayed ({per_sec}, {eta} left)")
-            .expect("the progress template is valid"),
-    );
+    progress(Progress::Total(total as u64));
     let batch_sql = format!(
         "UPDATE webhook_deliveries SET status = 'pending', attempt_count = 0, next_attempt_at = now(),
              parked_at = NULL, updated_at = now()
@@ -128,25 +151,26 @@ pub async fn replay(pool: &PgPool, selection: &Selection, reason: &str, actor: &
             .context("failed to replay parked deliveries")?
             .rows_affected();
         replayed += done;
-        progress.inc(done);
+        progress(Progress::Replayed(replayed));
         if done < 1000 {
             break;
         }
     }
     let event = AuditEvent {
-        actor_user_id: Some(actor.to_owned()),
+        actor_user_id: Some(requester.user_id.clone()),
+        actor_email: requester.email.clone(),
+        ip: requester.ip.clone(),
         action: "ParkedDeliveries.Replay".to_owned(),
         target_type: Some("webhook_deliveries".to_owned()),
         target_id: Some(describe(selection)),
         target_org_id: selection.org_id,
-        user_agent: Some(concat!("reachctl/", env!("CARGO_PKG_VERSION")).to_owned()),
+        user_agent: requester.user_agent.clone(),
         status_code: 200,
         reason: Some(format!("{reason} (replayed {replayed}, skipped {skipped_disabled} of disabled subscriptions)")),
         ..AuditEvent::default()
     };
     audit::record(&mut *tx, &event).await.context("failed to write the audit event")?;
     tx.commit().await.context("failed to commit the replay")?;
-    progress.finish();
     Ok(ReplayReport { replayed, skipped_disabled: skipped_disabled as u64 })
 }
 
