@@ -173,11 +173,19 @@ impl Relay {
     }
 
     async fn first_attempt(&self, subscription: &Arc<Subscription>, event: &EventHeader, body: &[u8]) -> Record {
-        // A busy subscription gets a short wait for a slot; past it the delivery goes to
-        // the retry lane so the queue keeps moving for everyone else.
-        let slot = tokio::time::timeout(self.settings.overflow_after, subscription.in_flight.clone().acquire_owned()).await;
-        let Ok(Ok(_slot)) = slot else {
+        // A subscription whose slots are taken is waited for only while the estimated
+        // wait stays under the overflow limit. A slow endpoint makes the estimate large, so
+        // its deliveries go to the retry lane at once and the queue keeps moving for
+        // everyone else; a busy but fast one is waited for.
+        let overflow_after = self.settings.overflow_after;
+        let slot = if subscription.lane.estimated_wait() > overflow_after {
+            None
+        } else {
+            subscription.lane.acquire(overflow_after).await
+        };
+        let Some(_slot) = slot else {
             metrics::counter!("reach_relay_deliveries_total", "outcome" => "overflowed").increment(1);
+            self.retry_wake.notify_one();
             return Record::First {
                 org_id: event.org_id,
                 event_id: event.id,
@@ -190,6 +198,7 @@ impl Relay {
         let in_flight = InFlight::start("first");
         let attempt = self.sender.send(subscription, event.id, body).await;
         drop(in_flight);
+        subscription.lane.record(attempt.duration);
         let next = self.policy.next(attempt.verdict, 1);
         self.observe(&attempt, &next, event);
         if attempt.verdict == Verdict::Gone {

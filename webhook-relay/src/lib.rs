@@ -47,6 +47,8 @@ pub struct Relay {
     pub(crate) writer: RecordWriter,
     pub(crate) policy: RetryPolicy,
     pub(crate) global_in_flight: Semaphore,
+    /// Wakes the retry lane when a first attempt hands a delivery over.
+    pub(crate) retry_wake: tokio::sync::Notify,
     pub(crate) readiness: Readiness,
 }
 
@@ -92,6 +94,7 @@ pub async fn start(settings: RelaySettings, shutdown: CancellationToken) -> anyh
         sender: Sender::new(settings.allow_private_targets, settings.connect_timeout, settings.request_timeout)?,
         policy: RetryPolicy { schedule: settings.retry_schedule.clone(), retry_after_max: settings.retry_after_max },
         global_in_flight: Semaphore::new(settings.global_in_flight.max(1)),
+        retry_wake: tokio::sync::Notify::new(),
         writer,
         pool: pool.clone(),
         readiness: readiness.clone(),

@@ -44,6 +44,8 @@ impl Relay {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(self.settings.sweep_interval) => {}
+                    // Deliveries handed over by busy subscriptions are due at once.
+                    _ = self.retry_wake.notified() => {}
                 }
             } else if shutdown.is_cancelled() {
                 break;
@@ -143,13 +145,14 @@ impl Relay {
         };
         // The subscription's slots are shared with first attempts; when they are all
         // taken, the retry waits for a later sweep instead of piling on.
-        let Ok(_slot) = subscription.in_flight.clone().try_acquire_owned() else {
+        let Ok(_slot) = subscription.lane.slots.clone().try_acquire_owned() else {
             return Record::Reschedule { delivery_id: claim.delivery_id, at: Utc::now() + Duration::from_secs(1) };
         };
         let body = event.to_body();
         let in_flight = InFlight::start("retry");
         let attempt = self.sender.send(&subscription, event.id, &body).await;
         drop(in_flight);
+        subscription.lane.record(attempt.duration);
         let attempts = claim.attempt_count as usize + 1;
         let next = self.policy.next(attempt.verdict, attempts);
         self.observe(&attempt, &next, &event.header());

@@ -23,8 +23,9 @@ pub struct RelaySettings {
     pub global_in_flight: usize,
     /// HTTP requests in flight to one subscription; a slow endpoint cannot take more.
     pub subscription_in_flight: usize,
-    /// How long a first attempt waits for a slot of its subscription before it is
-    /// handed to the retry lane instead, so a slow endpoint never blocks the queue.
+    /// Longest wait of a first attempt for a slot of its subscription, measured or
+    /// estimated from the subscription's recent attempt durations; past it the delivery
+    /// is handed to the retry lane, so a slow endpoint never blocks the queue.
     pub overflow_after: Duration,
     /// HTTP requests in flight in the retry lane.
     pub retry_in_flight: usize,
@@ -67,7 +68,7 @@ impl RelaySettings {
             prefetch: env.parse_or("REACH_RELAY_PREFETCH", 512)?,
             global_in_flight: env.parse_or("REACH_RELAY_GLOBAL_IN_FLIGHT", 512)?,
             subscription_in_flight: env.parse_or("REACH_RELAY_SUBSCRIPTION_IN_FLIGHT", 64)?,
-            overflow_after: env.millis_or("REACH_RELAY_OVERFLOW_AFTER_MS", 100)?,
+            overflow_after: env.millis_or("REACH_RELAY_OVERFLOW_AFTER_MS", 1_000)?,
             retry_in_flight: env.parse_or("REACH_RELAY_RETRY_IN_FLIGHT", 128)?,
             connect_timeout: env.millis_or("REACH_RELAY_CONNECT_TIMEOUT_MS", 5_000)?,
             request_timeout,

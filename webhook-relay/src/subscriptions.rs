@@ -11,7 +11,9 @@ use reach_shared::secrets::SecretSealer;
 use reach_shared::signing::WebhookSecret;
 use secrecy::ExposeSecret;
 use sqlx::{PgPool, Row};
-use tokio::sync::{RwLock, Semaphore};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use tokio::sync::{OwnedSemaphorePermit, RwLock, Semaphore};
 use uuid::Uuid;
 
 /// One subscription, ready to deliver to.
@@ -24,8 +26,51 @@ pub struct Subscription {
     pub event_types: Option<Vec<EventType>>,
     /// Every secret that is active now; the callback carries one signature per secret.
     pub secrets: Vec<WebhookSecret>,
-    /// Limits concurrent requests to this subscription.
-    pub in_flight: Arc<Semaphore>,
+    /// Limits concurrent requests to this subscription and measures its pace.
+    pub lane: Arc<Lane>,
+}
+
+/// The request slots of one subscription and how fast they turn over.
+#[derive(Debug)]
+pub struct Lane {
+    pub slots: Arc<Semaphore>,
+    capacity: usize,
+    /// Requests waiting for a slot now.
+    waiting: AtomicUsize,
+    /// Moving mean of the attempt duration, in microseconds (weight 1/8 per attempt).
+    mean_duration_us: AtomicU64,
+}
+
+impl Lane {
+    fn new(capacity: usize) -> Self {
+        Self { slots: Arc::new(Semaphore::new(capacity)), capacity, waiting: AtomicUsize::new(0), mean_duration_us: AtomicU64::new(0) }
+    }
+
+    /// Estimates how long a new request would wait for a slot: the requests ahead of
+    /// it, spread over the slots, times the mean attempt duration.
+    pub fn estimated_wait(&self) -> Duration {
+        if self.slots.available_permits() > 0 {
+            return Duration::ZERO;
+        }
+        let turns = (self.waiting.load(Ordering::Relaxed) / self.capacity + 1) as u64;
+        Duration::from_micros(turns.saturating_mul(self.mean_duration_us.load(Ordering::Relaxed)))
+    }
+
+    /// Waits for a slot, counting the request as waiting meanwhile.
+    pub async fn acquire(&self, timeout: Duration) -> Option<OwnedSemaphorePermit> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let slot = tokio::time::timeout(timeout, self.slots.clone().acquire_owned()).await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        slot.ok().and_then(Result::ok)
+    }
+
+    /// Records the duration of a finished attempt.
+    pub fn record(&self, duration: Duration) {
+        let sample = duration.as_micros().min(u64::MAX as u128) as u64;
+        let _ = self.mean_duration_us.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |mean| {
+            Some(if mean == 0 { sample } else { mean - mean / 8 + sample / 8 })
+        });
+    }
 }
 
 impl Subscription {
@@ -46,7 +91,7 @@ pub struct SubscriptionCache {
     ttl: Duration,
     in_flight_limit: usize,
     orgs: RwLock<HashMap<Uuid, Arc<CachedOrg>>>,
-    semaphores: std::sync::Mutex<HashMap<Uuid, Arc<Semaphore>>>,
+    lanes: std::sync::Mutex<HashMap<Uuid, Arc<Lane>>>,
     /// Subscriptions this process disabled, hidden at once, before the database says so.
     disabled: std::sync::Mutex<std::collections::HashSet<Uuid>>,
 }
@@ -59,7 +104,7 @@ impl SubscriptionCache {
             ttl,
             in_flight_limit,
             orgs: RwLock::new(HashMap::new()),
-            semaphores: std::sync::Mutex::new(HashMap::new()),
+            lanes: std::sync::Mutex::new(HashMap::new()),
             disabled: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
     }
@@ -139,14 +184,14 @@ impl SubscriptionCache {
                 tracing::error!(subscription_id = %id, "skipping a subscription without an active signing secret");
                 continue;
             }
-            let in_flight = self
-                .semaphores
+            let lane = self
+                .lanes
                 .lock()
-                .expect("semaphore map lock is never poisoned")
+                .expect("lane map lock is never poisoned")
                 .entry(id)
-                .or_insert_with(|| Arc::new(Semaphore::new(self.in_flight_limit)))
+                .or_insert_with(|| Arc::new(Lane::new(self.in_flight_limit)))
                 .clone();
-            subscriptions.push(Arc::new(Subscription { id, org_id, url, event_types, secrets, in_flight }));
+            subscriptions.push(Arc::new(Subscription { id, org_id, url, event_types, secrets, lane }));
         }
         Ok(CachedOrg { loaded_at: Instant::now(), subscriptions })
     }
