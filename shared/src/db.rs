@@ -14,8 +14,8 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 /// Opens a pool; the first connection is made lazily so a service can start while
 /// Postgres is still coming up.
 pub fn connect_lazy(url: &SecretString, max_connections: u32) -> anyhow::Result<PgPool> {
-    // Keeping a quarter of the pool open spares a burst the 5 to 20 ms of opening
-    // connections (authentication and backend start) on its first transactions.
+    // Keeping a quarter of the pool open spares a burst the cost of opening connections
+    // (authentication and backend start) on its first transactions.
     PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(max_connections / 4)
