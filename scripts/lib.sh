@@ -162,8 +162,9 @@ stop_started() {
     STARTED_NAMES=()
 }
 
-# Forgets a process started by start_background, so stop_started leaves it alone.
-forget_background() {
+# Removes a process started by start_background from the started list, so
+# stop_started leaves it alone: untrack_background NAME.
+untrack_background() {
     local name=$1 kept=() started
     for started in "${STARTED_NAMES[@]}"; do
         [[ "$started" == "$name" ]] || kept+=("$started")
@@ -173,7 +174,7 @@ forget_background() {
 }
 
 # Stops one process started by start_background the way stop_started does (SIGTERM,
-# then SIGKILL after REACH_STOP_TIMEOUT_SECONDS) and forgets it: stop_background NAME.
+# then SIGKILL after REACH_STOP_TIMEOUT_SECONDS) and untracks it: stop_background NAME.
 stop_background() {
     local name=$1 pid status=0
     pid=${STARTED_PIDS[$name]:-}
@@ -191,16 +192,16 @@ stop_background() {
     fi
     wait "$pid" 2>/dev/null || status=$?
     log "stopped $name (exit status $status)"
-    forget_background "$name"
+    untrack_background "$name"
 }
 
-# Waits until a process started by start_background exits by itself, forgets it and
+# Waits until a process started by start_background exits by itself, untracks it and
 # returns its exit status: wait_background NAME.
 wait_background() {
     local name=$1 pid status=0
     pid=${STARTED_PIDS[$name]}
     wait "$pid" || status=$?
     log "$name exited (exit status $status)"
-    forget_background "$name"
+    untrack_background "$name"
     return "$status"
 }

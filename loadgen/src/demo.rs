@@ -10,15 +10,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use reach_shared::db;
-use reach_shared::secrets::SecretSealer;
-use reach_shared::settings::{Env, Environment};
 use secrecy::SecretString;
 use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::expect::{EventFilter, EventKey, Expectations, Tally};
 use crate::fixtures;
-use crate::generator::Generator;
 use crate::provisioning::{DemoSetup, write_demo_file};
 use crate::stats::Percentiles;
 use crate::subscriber::{RejectionCounts, Subscriber};
@@ -108,16 +105,15 @@ pub async fn run(settings: DemoSettings) -> anyhow::Result<DemoReport> {
     let traffic = &settings.traffic;
     let run_tag = format!("{:08X}", rand::random::<u32>());
     eprintln!(
-        "sending {} generated webhooks (seed {}, run tag {run_tag}, concurrency {}, rate {})",
-        traffic.webhooks,
+        "sending {} generated (seed {}, run tag {run_tag}, concurrency {}, rate {})",
+        traffic.amount(),
         traffic.seed,
         traffic.pace.concurrency,
         traffic.pace.rate.map_or("unlimited".to_owned(), |r| format!("{r}/s"))
     );
-    let generator = Generator::new(setup.numbers.clone(), traffic.seed, &run_tag);
-    let webhooks = generator.take(traffic.webhooks as usize).map(|w| (w.body, w.events));
+    let webhooks = traffic.webhooks(setup.numbers.clone(), &run_tag).map(|w| (w.body, w.events));
     let sending_started = Instant::now();
-    let mut progress = Progress::new(traffic.webhooks);
+    let mut progress = Progress::new(traffic.amount());
     post_all(poster, traffic.pace, webhooks, |events, result| {
         expect(events, &result, &mut responses);
         progress.tick(&responses);
@@ -169,11 +165,7 @@ async fn prepare_provisioning(settings: &DemoSettings, pool: &PgPool) -> anyhow:
     }
     let setup = DemoSetup::read(path)?;
     if fresh || settings.apply {
-        let env = Env::process();
-        let environment = env.parse_or("REACH_ENV", Environment::Development)?;
-        let sealer = SecretSealer::from_env(&env, environment)?;
-        let written = setup.file.apply(pool, &sealer).await.context("failed to apply the provisioning file")?;
-        eprintln!("applied {}: {}", path.display(), serde_json::to_string(&written)?);
+        setup.apply(pool, path).await?;
     }
     Ok(setup)
 }
@@ -209,17 +201,18 @@ async fn wait_for_callbacks(
 }
 
 /// Prints a progress line to stderr every 5 seconds while sending.
-struct Progress {
-    total: u64,
+pub struct Progress {
+    /// The amount being sent, as [`TrafficSettings::amount`] describes it.
+    total: String,
     last: Instant,
 }
 
 impl Progress {
-    fn new(total: u64) -> Self {
+    pub fn new(total: String) -> Self {
         Self { total, last: Instant::now() }
     }
 
-    fn tick(&mut self, responses: &ResponseTally) {
+    pub fn tick(&mut self, responses: &ResponseTally) {
         if self.last.elapsed() >= Duration::from_secs(5) {
             eprintln!("  posted {} of {} ({} accepted)", responses.posted, self.total, responses.accepted);
             self.last = Instant::now();
@@ -302,7 +295,7 @@ fn print_summary(
     eprintln!("result: {}", if report.passed() { "PASS" } else { "FAIL" });
 }
 
-fn format_percentiles(p: &Percentiles) -> String {
+pub fn format_percentiles(p: &Percentiles) -> String {
     let show = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
     format!("p50 {} p90 {} p99 {} max {} (n={})", show(p.p50), show(p.p90), show(p.p99), show(p.max), p.count)
 }

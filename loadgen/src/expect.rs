@@ -152,6 +152,11 @@ impl Expectations {
             })
             .collect();
 
+        tally.callback_latencies = first_receipt
+            .iter()
+            .filter_map(|((_, key), received_at)| self.events.get(*key).map(|sent_at| received_at.saturating_duration_since(*sent_at)))
+            .collect();
+
         // Latency of an event: from its webhook's POST to its first callback anywhere.
         let mut first_by_event: HashMap<&EventKey, Instant> = HashMap::new();
         for ((_, key), at) in &first_receipt {
@@ -180,6 +185,9 @@ pub struct Tally {
     pub unexpected: u64,
     /// Per delivered event, from the POST of its webhook to its first callback.
     pub latencies: Vec<Duration>,
+    /// Per delivered callback (event and subscription), from the POST of its webhook
+    /// to its first receipt.
+    pub callback_latencies: Vec<Duration>,
     /// Expected and delivered callbacks of each subscription, in filter order.
     pub by_subscription: Vec<SubscriptionTally>,
 }
@@ -295,6 +303,9 @@ mod tests {
         let mut latencies = tally.latencies.clone();
         latencies.sort();
         assert_eq!(latencies, vec![Duration::from_millis(10), Duration::from_millis(50)]);
+        let mut per_callback = tally.callback_latencies.clone();
+        per_callback.sort();
+        assert_eq!(per_callback, [10, 30, 50].map(Duration::from_millis));
         assert_eq!(
             tally.by_subscription,
             [SubscriptionTally { expected: 3, delivered: 2 }, SubscriptionTally { expected: 2, delivered: 1 }]

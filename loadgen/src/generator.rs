@@ -65,6 +65,22 @@ const SHUFFLED_BATCH_SHARE: f64 = 0.3;
 /// Statuses held back for later batches, per number, before they are flushed faster.
 const MAX_HELD_STATUSES: usize = 256;
 
+/// Size in bytes of every `text`-shaped body: the raw body the pgbench baseline
+/// (`bench/ingress_baseline.sql`) stores per webhook.
+pub const TEXT_BODY_BYTES: usize = 760;
+
+/// The kind of bodies a generator writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shape {
+    /// The realistic mix: texts, media, interactive replies, status batches, a few
+    /// bodies with two entries.
+    #[default]
+    Mixed,
+    /// One inbound text from one customer to the first number per body, so one event
+    /// per webhook, padded to [`TEXT_BODY_BYTES`]. The benchmarks use it.
+    Text,
+}
+
 /// An endless source of webhooks; take as many as needed.
 pub struct Generator {
     rng: StdRng,
@@ -73,6 +89,7 @@ pub struct Generator {
     sequence: u64,
     /// Per number, statuses of earlier messages still to be sent.
     held_statuses: Vec<VecDeque<PlannedStatus>>,
+    shape: Shape,
 }
 
 /// A status to emit for a message the business sent.
@@ -92,11 +109,27 @@ impl Generator {
     pub fn new(numbers: Vec<BusinessNumber>, seed: u64, run_tag: &str) -> Self {
         assert!(!numbers.is_empty(), "the generator needs at least one business number");
         let held_statuses = numbers.iter().map(|_| VecDeque::new()).collect();
-        Self { rng: StdRng::seed_from_u64(seed), numbers, run_tag: run_tag.to_owned(), sequence: 0, held_statuses }
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            numbers,
+            run_tag: run_tag.to_owned(),
+            sequence: 0,
+            held_statuses,
+            shape: Shape::Mixed,
+        }
+    }
+
+    /// Writes bodies of `shape` from now on.
+    pub fn with_shape(mut self, shape: Shape) -> Self {
+        self.shape = shape;
+        self
     }
 
     /// Generates the next body.
     pub fn next_webhook(&mut self) -> GeneratedWebhook {
+        if self.shape == Shape::Text {
+            return self.text_webhook();
+        }
         let mut events = Vec::new();
         let entry = if self.numbers.len() > 1 && self.rng.random_bool(MULTI_ENTRY_SHARE) {
             let mut picked: Vec<usize> = (0..self.numbers.len()).collect();
@@ -108,6 +141,44 @@ impl Generator {
         };
         let body = to_meta_json(&Notification { object: "whatsapp_business_account", entry });
         GeneratedWebhook { body, events }
+    }
+
+    /// Builds a body with one inbound text to the first number, its text padded with
+    /// ASCII so the body is [`TEXT_BODY_BYTES`] long.
+    fn text_webhook(&mut self) -> GeneratedWebhook {
+        let customer = self.customer_number();
+        let name = (*CONTACT_NAMES.choose(&mut self.rng).expect("non-empty")).to_owned();
+        let id = self.wamid(&customer, Direction::Inbound);
+        let template = TEXTS.choose(&mut self.rng).expect("non-empty");
+        let text = template.replace("{n}", &self.sequence.to_string());
+        let build = |text: String| {
+            let message = InboundMessage {
+                context: None,
+                from: customer.clone(),
+                id: id.clone(),
+                timestamp: unix_now(),
+                content: Content::Text { text: Text { body: text } },
+            };
+            let value = MessagesValue {
+                messaging_product: "whatsapp",
+                metadata: self.metadata(0),
+                contacts: vec![Contact { profile: Profile { name: name.clone() }, wa_id: customer.clone() }],
+                messages: vec![message],
+                statuses: Vec::new(),
+            };
+            let entry = Entry { id: self.numbers[0].waba_id.clone(), changes: vec![Change { value, field: "messages" }] };
+            to_meta_json(&Notification { object: "whatsapp_business_account", entry: vec![entry] })
+        };
+        let unpadded = build(text.clone());
+        // Each filler character is one ASCII byte in the wire form.
+        let missing = TEXT_BODY_BYTES.saturating_sub(unpadded.len());
+        let body = if missing == 0 {
+            unpadded
+        } else {
+            let filler: String = TEXT_FILLER.chars().cycle().take(missing).collect();
+            build(format!("{text}{filler}"))
+        };
+        GeneratedWebhook { body, events: vec![EventKey::Received { wamid: id }] }
     }
 
     fn entry(&mut self, number: usize, events: &mut Vec<EventKey>) -> Entry {
@@ -359,6 +430,9 @@ const TEXTS: &[&str] = &[
     "ok",
 ];
 
+/// Appended to `text`-shaped messages until the body has its size.
+const TEXT_FILLER: &str = " and one more thing about the order, please call me back when you can.";
+
 const IMAGE_CAPTIONS: &[Option<&str>] = &[Some("Foto do recibo 📷"), Some("写真です"), Some("Before/after"), None, None];
 
 const DOCUMENT_NAMES: &[&str] = &["Orçamento nº {n}.pdf", "請求書_{n}.pdf", "Invoice 2026/{n}.pdf", "Résumé {n}.pdf"];
@@ -484,6 +558,22 @@ mod tests {
             }
         }
         assert!(out_of_order > 10, "only {out_of_order} out-of-order statuses");
+    }
+
+    #[test]
+    fn text_shape_one_event_fixed_size() {
+        let webhooks: Vec<GeneratedWebhook> =
+            Generator::new(demo_numbers(), 6, "T3ST0002").with_shape(Shape::Text).take(500).collect();
+        let mut wamids = HashSet::new();
+        for webhook in webhooks {
+            assert_eq!(webhook.body.len(), TEXT_BODY_BYTES, "{}", String::from_utf8_lossy(&webhook.body));
+            assert_eq!(expected_events(&webhook.body).unwrap(), webhook.events);
+            let [EventKey::Received { wamid }] = webhook.events.as_slice() else { panic!("{:?}", webhook.events) };
+            assert!(wamids.insert(wamid.clone()));
+            let parsed: Value = serde_json::from_slice(&webhook.body).unwrap();
+            assert_eq!(parsed["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"], "200000000000001");
+            assert_eq!(parsed["entry"][0]["changes"][0]["value"]["messages"][0]["type"], "text");
+        }
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! - [`traffic`]: signed posts with bounded concurrency and an optional rate.
 //! - [`subscriber`]: the verifying Standard Webhooks subscriber.
 //! - [`expect`], [`stats`]: matching callbacks to expectations; percentiles.
-//! - [`demo`], [`send`]: the two traffic commands.
+//! - [`demo`], [`send`]: the demo and the ingress-only traffic command.
+//! - [`bench`]: the end-to-end and relay-drain drivers of `scripts/bench`.
 
+mod bench;
 mod demo;
 mod expect;
 mod fixtures;
@@ -32,6 +34,7 @@ use reach_shared::telemetry;
 use serde::Serialize;
 use url::Url;
 
+use crate::generator::Shape;
 use crate::traffic::{Pace, TrafficSettings};
 
 #[derive(Parser)]
@@ -55,6 +58,18 @@ enum Command {
     /// Send generated webhooks only and print the ingress's throughput and response
     /// latency as a JSON line.
     Send(SendArgs),
+    /// Write a benchmark provisioning file: one org with number 200000000000001 and
+    /// --endpoints subscriptions to every event type, each with its own secret and
+    /// subscriber path. Apply it with `reachctl provision --file`.
+    BenchProvision(BenchProvisionArgs),
+    /// Measure end to end: serve the verifying subscriber, send through the running
+    /// ingress and relay, wait for every callback, and print a JSON line with the
+    /// counts, the rates and the latency from each POST to each callback.
+    BenchE2e(BenchE2eArgs),
+    /// Serve the verifying subscriber of a provisioning file until --callbacks distinct
+    /// callbacks arrived, and print a JSON line with the first and last arrival and the
+    /// rate. Start the relay on a backlog after the subscriber returns 200 on GET /livez.
+    Subscribe(SubscribeArgs),
 }
 
 #[derive(Args)]
@@ -91,6 +106,14 @@ struct TrafficArgs {
     /// Seconds to wait for the ingress to respond to one webhook.
     #[arg(long, env = "REACH_LOADGEN_REQUEST_TIMEOUT_SECONDS", default_value_t = 30)]
     request_timeout_seconds: u64,
+    /// Send for this many seconds instead of --webhooks: with --rate, rate × seconds
+    /// webhooks; without, as many as start in that time.
+    #[arg(long, env = "REACH_LOADGEN_DURATION_SECONDS", value_parser = parse_seconds)]
+    duration_seconds: Option<f64>,
+    /// Bodies to send: `mixed` (texts, media, replies, status batches) or `text` (one
+    /// inbound text per body, 760 bytes, as the pgbench baseline stores).
+    #[arg(long, env = "REACH_LOADGEN_SHAPE", value_enum, default_value_t = Shape::Mixed)]
+    shape: Shape,
 }
 
 impl TrafficArgs {
@@ -99,8 +122,10 @@ impl TrafficArgs {
             ingress_url: self.ingress_url,
             app_secret: self.meta_app_secret.into(),
             webhooks: self.webhooks,
+            duration: self.duration_seconds.map(Duration::from_secs_f64),
             pace: Pace { concurrency: self.concurrency as usize, rate: self.rate },
             seed: self.seed.unwrap_or_else(rand::random),
+            shape: self.shape,
             request_timeout: Duration::from_secs(self.request_timeout_seconds),
         }
     }
@@ -142,6 +167,77 @@ struct SendArgs {
     traffic: TrafficArgs,
 }
 
+#[derive(Args)]
+struct BenchProvisionArgs {
+    /// Path of the provisioning file to write (mode 0600: it contains the secrets).
+    #[arg(long)]
+    file: PathBuf,
+    /// Subscriptions, served at /hooks/bench-0, /hooks/bench-1, ...
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    endpoints: u32,
+    /// Loopback address of the verifying subscriber the subscriptions point at.
+    #[arg(long, env = "REACH_LOADGEN_SUBSCRIBER_ADDR", default_value = "127.0.0.1:9200")]
+    subscriber_addr: SocketAddr,
+}
+
+#[derive(Args)]
+struct BenchE2eArgs {
+    #[command(flatten)]
+    traffic: TrafficArgs,
+    /// Benchmark provisioning file. When it does not exist, it is written with
+    /// --endpoints subscriptions on --subscriber-addr and applied to DATABASE_URL.
+    #[arg(long, env = "REACH_LOADGEN_PROVISIONING_FILE")]
+    provisioning_file: PathBuf,
+    /// Subscriptions of a new provisioning file.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    endpoints: u32,
+    /// Subscriber address of a new provisioning file.
+    #[arg(long, env = "REACH_LOADGEN_SUBSCRIBER_ADDR", default_value = "127.0.0.1:9200")]
+    subscriber_addr: SocketAddr,
+    /// Postgres of the fleet, for applying a new provisioning file.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/reach", hide_env_values = true)]
+    database_url: String,
+    /// Seconds to wait for the expected callbacks after the response to the last webhook.
+    #[arg(long, env = "REACH_LOADGEN_TIMEOUT_SECONDS", default_value_t = 120)]
+    timeout_seconds: u64,
+    /// Seconds to keep listening after the last expected callback, to count late
+    /// duplicates.
+    #[arg(long, env = "REACH_LOADGEN_SETTLE_SECONDS", default_value_t = 1)]
+    settle_seconds: u64,
+    /// Seconds of unmeasured traffic at the same pace first, whose callbacks are awaited
+    /// before the measured traffic starts.
+    #[arg(long, value_parser = parse_seconds)]
+    warmup_seconds: Option<f64>,
+}
+
+#[derive(Args)]
+struct SubscribeArgs {
+    /// Provisioning file whose subscriptions to serve (from `bench-provision` or
+    /// `provision`).
+    #[arg(long, env = "REACH_LOADGEN_PROVISIONING_FILE")]
+    provisioning_file: PathBuf,
+    /// Distinct callbacks (event and subscription) to wait for.
+    #[arg(long)]
+    callbacks: usize,
+    /// Seconds to wait for them, from the start.
+    #[arg(long, env = "REACH_LOADGEN_TIMEOUT_SECONDS", default_value_t = 120)]
+    timeout_seconds: u64,
+    /// Seconds to keep listening after the last expected callback, to count late
+    /// duplicates.
+    #[arg(long, env = "REACH_LOADGEN_SETTLE_SECONDS", default_value_t = 1)]
+    settle_seconds: u64,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    report_file: Option<PathBuf>,
+}
+
+fn parse_seconds(raw: &str) -> Result<f64, String> {
+    match raw.trim().parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
+        _ => Err(format!("invalid duration {raw:?}: expected seconds, a number above 0")),
+    }
+}
+
 fn parse_rate(raw: &str) -> Result<f64, String> {
     match raw.trim().parse::<f64>() {
         Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
@@ -180,6 +276,37 @@ async fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Send(args) => {
             let report = send::run(args.traffic.settings(), generator::demo_numbers()).await?;
+            print_result_line(&report)?;
+        }
+        Command::BenchProvision(args) => {
+            provisioning::write_bench_file(&args.file, args.subscriber_addr, args.endpoints as usize)?;
+            eprintln!("wrote {}; apply it with: reachctl provision --file {}", args.file.display(), args.file.display());
+        }
+        Command::BenchE2e(args) => {
+            let settings = bench::EndToEndSettings {
+                traffic: args.traffic.settings(),
+                provisioning: bench::BenchProvisioning {
+                    file: args.provisioning_file,
+                    endpoints: args.endpoints as usize,
+                    subscriber_addr: args.subscriber_addr,
+                    database_url: args.database_url.into(),
+                },
+                timeout: Duration::from_secs(args.timeout_seconds),
+                settle: Duration::from_secs(args.settle_seconds),
+                warmup: args.warmup_seconds.map(Duration::from_secs_f64),
+            };
+            let report = bench::end_to_end(settings).await?;
+            print_result_line(&report)?;
+        }
+        Command::Subscribe(args) => {
+            let settings = bench::SubscribeSettings {
+                provisioning_file: args.provisioning_file,
+                callbacks: args.callbacks,
+                timeout: Duration::from_secs(args.timeout_seconds),
+                settle: Duration::from_secs(args.settle_seconds),
+                report_file: args.report_file,
+            };
+            let report = bench::subscribe(settings).await?;
             print_result_line(&report)?;
         }
     }

@@ -1,8 +1,9 @@
-//! The demo's provisioning file: one org with the two demo numbers, each on its own
-//! WABA, and two subscriptions pointing at the verifying subscriber, one for every
-//! event type and one for a list of message events. The ids are fixed, so writing the
-//! file again and applying it to the same database rotates the secrets and changes
-//! nothing else.
+//! The loadgen's provisioning files. The demo's: one org with the two demo numbers,
+//! each on its own WABA, and two subscriptions pointing at the verifying subscriber,
+//! one for every event type and one for a list of message events. The benchmark's: one
+//! org with the first demo number and N subscriptions to every event type. The ids are
+//! fixed, so writing a file again and applying it to the same database rotates the
+//! secrets and changes nothing else.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -12,9 +13,12 @@ use std::path::Path;
 use anyhow::{Context, bail, ensure};
 use rand::Rng;
 use reach_shared::provision::ProvisioningFile;
+use reach_shared::secrets::SecretSealer;
+use reach_shared::settings::{Env, Environment};
 use reach_shared::signing::WebhookSecret;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
+use sqlx::PgPool;
 use url::Url;
 use uuid::{Uuid, uuid};
 
@@ -67,7 +71,51 @@ pub fn write_demo_file(path: &Path, subscriber_addr: SocketAddr) -> anyhow::Resu
             },
         ],
     }]});
-    let text = serde_json::to_string_pretty(&file).context("failed to serialise the provisioning file")?;
+    write_private_json(path, &file)
+}
+
+/// The org of the benchmark provisioning files.
+pub const BENCH_ORG_ID: Uuid = uuid!("8d2f4a60-3c1b-4e7a-9f05-6b2c8e1d7a30");
+
+/// Writes a benchmark provisioning file: one org with the first demo number (the one
+/// `bench/ingress_baseline.sql` routes to) and `endpoints` subscriptions to every event
+/// type, each with its own fresh secret and subscriber path `/hooks/bench-{i}`.
+pub fn write_bench_file(path: &Path, subscriber_addr: SocketAddr, endpoints: usize) -> anyhow::Result<()> {
+    ensure!(subscriber_addr.ip().is_loopback(), "the subscriber address {subscriber_addr} is not a loopback address");
+    ensure!(endpoints >= 1, "a benchmark needs at least one endpoint");
+    let number = demo_numbers().into_iter().next().expect("two demo numbers");
+    let subscriptions: Vec<_> = (0..endpoints)
+        .map(|index| {
+            json!({
+                "id": Uuid::from_u128(BENCH_ORG_ID.as_u128() + 1 + index as u128),
+                "url": format!("http://{subscriber_addr}/hooks/bench-{index}"),
+                "events": ["*"],
+                "secret": WebhookSecret::generate().expose_secret(),
+            })
+        })
+        .collect();
+    let file = json!({"orgs": [{
+        "id": BENCH_ORG_ID,
+        "slug": "bench",
+        "name": "Benchmark Org",
+        "wabas": [{
+            "waba_id": number.waba_id,
+            "access_token": format!("bench-token-{}", hex::encode(rand::rng().random::<[u8; 16]>())),
+            "phone_numbers": [{
+                "phone_number_id": number.phone_number_id,
+                "display_phone_number": number.display_phone_number,
+                "mps": 80,
+                "quality_rating": "GREEN",
+            }],
+        }],
+        "subscriptions": subscriptions,
+    }]});
+    write_private_json(path, &file)
+}
+
+/// Writes `value` to `path`, readable by its owner only because it contains secrets.
+fn write_private_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value).context("failed to serialise the provisioning file")?;
     let mut out = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -142,6 +190,17 @@ impl DemoSetup {
         Ok(Self { subscriber_addr: subscriber_addr.expect("at least one subscription"), file, org_id, numbers, subscriptions })
     }
 
+    /// Applies the file to the fleet's database, sealing the secrets the way the
+    /// services are configured to (`REACH_SECRETS_MODE`). `path` names the file in the log.
+    pub async fn apply(&self, pool: &PgPool, path: &Path) -> anyhow::Result<()> {
+        let env = Env::process();
+        let environment = env.parse_or("REACH_ENV", Environment::Development)?;
+        let sealer = SecretSealer::from_env(&env, environment)?;
+        let written = self.file.apply(pool, &sealer).await.context("failed to apply the provisioning file")?;
+        eprintln!("applied {}: {}", path.display(), serde_json::to_string(&written)?);
+        Ok(())
+    }
+
     /// Returns the subscriber's endpoints, in subscription order.
     pub fn endpoints(&self) -> Vec<Endpoint> {
         self.subscriptions
@@ -182,6 +241,22 @@ mod tests {
         assert!(filters[0].matches(EventType::TemplateStatusUpdated));
         assert!(filters[1].matches(EventType::MessageDelivered));
         assert!(!filters[1].matches(EventType::MessageSent));
+    }
+
+    #[test]
+    fn bench_file_has_one_number_and_n_endpoints() {
+        let path = temp_path("bench.json");
+        write_bench_file(&path, "127.0.0.1:9300".parse().unwrap(), 10).unwrap();
+        let setup = DemoSetup::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(setup.org_id, BENCH_ORG_ID);
+        assert_eq!(setup.numbers, demo_numbers()[..1]);
+        assert_eq!(setup.subscriptions.len(), 10);
+        assert_eq!(setup.subscriptions[3].path, "/hooks/bench-3");
+        assert!(setup.subscriptions.iter().all(|s| s.events == ["*"]));
+        let ids: std::collections::HashSet<Uuid> = setup.subscriptions.iter().map(|s| s.id).collect();
+        assert_eq!(ids.len(), 10);
+        assert_eq!(setup.endpoints().len(), 10);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::generator::{BusinessNumber, Generator};
+use crate::generator::BusinessNumber;
 use crate::stats::Percentiles;
 use crate::traffic::{ResponseTally, TrafficSettings, post_all};
 
@@ -36,14 +36,15 @@ pub async fn run(settings: TrafficSettings, numbers: Vec<BusinessNumber>) -> any
     let poster = Arc::new(settings.poster()?);
     let run_tag = format!("{:08X}", rand::random::<u32>());
     eprintln!(
-        "sending {} webhooks to {} (seed {}, run tag {run_tag}, concurrency {}, rate {})",
-        settings.webhooks,
+        "sending {} of shape {:?} to {} (seed {}, run tag {run_tag}, concurrency {}, rate {})",
+        settings.amount(),
+        settings.shape,
         settings.ingress_url,
         settings.seed,
         settings.pace.concurrency,
         settings.pace.rate.map_or("unlimited".to_owned(), |r| format!("{r}/s"))
     );
-    let webhooks = Generator::new(numbers, settings.seed, &run_tag).take(settings.webhooks as usize).map(|w| (w.body, ()));
+    let webhooks = settings.webhooks(numbers, &run_tag).map(|w| (w.body, ()));
     let mut responses = ResponseTally::default();
     let started = Instant::now();
     post_all(poster, settings.pace, webhooks, |(), result| responses.record(&result)).await;

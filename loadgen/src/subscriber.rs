@@ -91,8 +91,27 @@ struct Counters {
 struct SubscriberState {
     /// Path to (subscription index, secret).
     endpoints: HashMap<String, (usize, WebhookSecret)>,
-    receipts: Mutex<HashMap<(usize, String), Receipt>>,
+    book: Mutex<Book>,
     counters: Counters,
+}
+
+/// The receipts and their arrival times, behind one lock.
+#[derive(Default)]
+struct Book {
+    receipts: HashMap<(usize, String), Receipt>,
+    /// When the first and the latest new (subscription, `webhook-id`) pair arrived.
+    first_new: Option<Instant>,
+    last_new: Option<Instant>,
+}
+
+/// A cheap snapshot of the distinct callbacks received so far.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrivals {
+    /// Distinct (subscription, `webhook-id`) pairs with a readable event.
+    pub distinct: usize,
+    pub first: Option<Instant>,
+    /// When the latest of them first arrived.
+    pub last: Option<Instant>,
 }
 
 /// A running subscriber; [`Subscriber::stop`] shuts it down.
@@ -108,14 +127,18 @@ impl Subscriber {
     pub async fn start(addr: SocketAddr, endpoints: Vec<Endpoint>) -> anyhow::Result<Self> {
         let state = Arc::new(SubscriberState {
             endpoints: endpoints.into_iter().enumerate().map(|(index, e)| (e.path, (index, e.secret))).collect(),
-            receipts: Mutex::default(),
+            book: Mutex::default(),
             counters: Counters::default(),
         });
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("failed to bind the subscriber on {addr}"))?;
         let addr = listener.local_addr()?;
-        let router = Router::new().fallback(receive).with_state(state.clone());
+        // `GET /livez` lets a script wait for the subscriber. No subscription uses that path.
+        let router = Router::new()
+            .route("/livez", axum::routing::get(|| async { StatusCode::OK }))
+            .fallback(receive)
+            .with_state(state.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let served = axum::serve(listener, router)
@@ -132,7 +155,13 @@ impl Subscriber {
 
     /// Copies every receipt recorded so far.
     pub fn receipts(&self) -> Vec<Receipt> {
-        self.state.receipts.lock().expect("receipts lock").values().cloned().collect()
+        self.state.book.lock().expect("receipts lock").receipts.values().cloned().collect()
+    }
+
+    /// Counts the distinct callbacks so far without copying them.
+    pub fn arrivals(&self) -> Arrivals {
+        let book = self.state.book.lock().expect("receipts lock");
+        Arrivals { distinct: book.receipts.len(), first: book.first_new, last: book.last_new }
     }
 
     pub fn rejections(&self) -> RejectionCounts {
@@ -181,11 +210,15 @@ async fn receive(State(state): State<Arc<SubscriberState>>, method: Method, uri:
         state.counters.unreadable_body.fetch_add(1, Ordering::Relaxed);
         return StatusCode::NO_CONTENT;
     };
-    let mut receipts = state.receipts.lock().expect("receipts lock");
-    receipts
-        .entry((*subscription, webhook_id))
-        .and_modify(|receipt| receipt.count += 1)
-        .or_insert(Receipt { subscription: *subscription, key, count: 1, first_at: received_at });
+    let mut book = state.book.lock().expect("receipts lock");
+    match book.receipts.entry((*subscription, webhook_id)) {
+        std::collections::hash_map::Entry::Occupied(mut slot) => slot.get_mut().count += 1,
+        std::collections::hash_map::Entry::Vacant(slot) => {
+            slot.insert(Receipt { subscription: *subscription, key, count: 1, first_at: received_at });
+            book.first_new.get_or_insert(received_at);
+            book.last_new = Some(received_at);
+        }
+    }
     StatusCode::NO_CONTENT
 }
 
@@ -295,9 +328,15 @@ mod tests {
         assert_eq!(post("/hooks/none", &secrets[0], id, now, &body).await.unwrap().status(), 404);
         assert_eq!(post("/hooks/all", &secrets[0], id, now, b"not an event").await.unwrap().status(), 204);
 
+        let livez = client.get(format!("http://{}/livez", subscriber.addr)).send().await.unwrap();
+        assert_eq!(livez.status(), 200);
+
         let mut receipts = subscriber.receipts();
         receipts.sort_by_key(|r| r.subscription);
         assert_eq!(receipts.len(), 2);
+        let arrivals = subscriber.arrivals();
+        assert_eq!(arrivals.distinct, 2);
+        assert!(arrivals.first.unwrap() <= arrivals.last.unwrap());
         assert_eq!((receipts[0].subscription, receipts[0].count), (0, 2));
         assert_eq!((receipts[1].subscription, receipts[1].count), (1, 1));
         assert_eq!(receipts[0].key, EventKey::Received { wamid: "wamid.1".into() });

@@ -12,6 +12,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use url::Url;
 
+use crate::generator::{BusinessNumber, GeneratedWebhook, Generator, Shape};
+
 /// The ingress response to one webhook.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IngressResponse {
@@ -55,17 +57,49 @@ pub struct TrafficSettings {
     pub ingress_url: Url,
     /// The Meta app secret the ingress verifies with.
     pub app_secret: SecretString,
-    /// Generated webhooks to send.
+    /// Generated webhooks to send, ignored when `duration` is set.
     pub webhooks: u64,
+    /// Send for this long instead of a count: with a rate, `rate × duration` webhooks;
+    /// without one, as many as start before it has passed.
+    pub duration: Option<Duration>,
     pub pace: Pace,
     /// Seed of the generator; the same seed gives the same shapes and contents.
     pub seed: u64,
+    pub shape: Shape,
     pub request_timeout: Duration,
 }
 
 impl TrafficSettings {
     pub fn poster(&self) -> anyhow::Result<Poster> {
         Poster::new(&self.ingress_url, self.app_secret.clone(), self.pace.concurrency, self.request_timeout)
+    }
+
+    /// Describes how much is sent, for progress lines.
+    pub fn amount(&self) -> String {
+        match (self.duration, self.pace.rate) {
+            (Some(duration), Some(rate)) => format!("{} webhooks over {} s", self.rate_count(rate, duration), duration.as_secs_f64()),
+            (Some(duration), None) => format!("webhooks for {} s", duration.as_secs_f64()),
+            (None, _) => format!("{} webhooks", self.webhooks),
+        }
+    }
+
+    fn rate_count(&self, rate: f64, duration: Duration) -> usize {
+        (rate * duration.as_secs_f64()).round() as usize
+    }
+
+    /// Returns the run's webhooks: the generator's bodies of the configured shape, as
+    /// many as the count or the duration gives. A duration without a rate counts from
+    /// the first body taken.
+    pub fn webhooks(&self, numbers: Vec<BusinessNumber>, run_tag: &str) -> Box<dyn Iterator<Item = GeneratedWebhook> + Send> {
+        let generator = Generator::new(numbers, self.seed, run_tag).with_shape(self.shape);
+        match (self.duration, self.pace.rate) {
+            (Some(duration), Some(rate)) => Box::new(generator.take(self.rate_count(rate, duration))),
+            (Some(duration), None) => {
+                let mut deadline = None;
+                Box::new(generator.take_while(move |_| Instant::now() < *deadline.get_or_insert_with(|| Instant::now() + duration)))
+            }
+            (None, _) => Box::new(generator.take(self.webhooks as usize)),
+        }
     }
 }
 

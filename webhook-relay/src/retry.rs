@@ -35,7 +35,17 @@ impl Relay {
         loop {
             while in_flight.try_join_next().is_some() {}
             let free = lane.available_permits();
-            let claimed = if free == 0 { Ok(0) } else { self.clone().sweep(free, &lane, &mut in_flight).await };
+            if free == 0 {
+                // Every slot of the lane is busy: go on as soon as one frees up rather than
+                // after a whole sweep interval, so a large batch of due deliveries drains
+                // at the lane's pace.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    permit = lane.clone().acquire_owned() => drop(permit),
+                }
+                continue;
+            }
+            let claimed = self.clone().sweep(free, &lane, &mut in_flight).await;
             let full = matches!(claimed, Ok(n) if n == free && n > 0);
             if let Err(error) = claimed {
                 tracing::warn!(%error, "failed to claim due deliveries");
