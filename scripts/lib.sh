@@ -140,24 +140,9 @@ wait_for_service() {
 # Stops every started process, last started first: SIGTERM, then SIGKILL after
 # REACH_STOP_TIMEOUT_SECONDS (default 30). Meant for `trap stop_started EXIT`.
 stop_started() {
-    local index name pid status
+    local index
     for ((index = ${#STARTED_NAMES[@]} - 1; index >= 0; index--)); do
-        name=${STARTED_NAMES[$index]}
-        pid=${STARTED_PIDS[$name]}
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -TERM "$pid" 2>/dev/null || true
-            for _ in $(seq 1 $((${REACH_STOP_TIMEOUT_SECONDS:-30} * 10))); do
-                kill -0 "$pid" 2>/dev/null || break
-                sleep 0.1
-            done
-            if kill -0 "$pid" 2>/dev/null; then
-                log "$name did not stop after SIGTERM; sending SIGKILL"
-                kill -KILL "$pid" 2>/dev/null || true
-            fi
-        fi
-        status=0
-        wait "$pid" 2>/dev/null || status=$?
-        log "stopped $name (exit status $status)"
+        stop_background "${STARTED_NAMES[$index]}"
     done
     STARTED_NAMES=()
 }
