@@ -14,7 +14,7 @@ die() {
 ensure_build_packages() {
     # Each command, and the Debian package that provides it.
     local -A providers=([pkg-config]=pkg-config [psql]=postgresql-client [pg_isready]=postgresql-client
-                        [pgbench]=postgresql-contrib [curl]=curl [python3]=python3)
+                        [pgbench]=postgresql-contrib [curl]=curl [python3]=python3 [cc]=gcc)
     local missing=() command
     for command in "${!providers[@]}"; do
         command -v "$command" >/dev/null || missing+=("${providers[$command]}")

@@ -79,13 +79,15 @@ pub async fn start(settings: IngressSettings, shutdown: CancellationToken) -> an
             topology: Topology::new(&settings.common.amqp_prefix, settings.send_shards),
             settings: settings.publisher.clone(),
             waker,
-            readiness: readiness.clone(),
+            // The outbox absorbs a broker outage without losing a webhook, so the ingress
+            // stays ready meanwhile; the publisher's restarts show in its metrics.
+            readiness: Readiness::default(),
         };
         Some(tokio::spawn(publisher.run(shutdown.clone())))
     } else {
-        readiness.set_broker_up(true);
         None
     };
+    readiness.set_broker_up(true);
 
     let state = AppState {
         verifier: MetaSignatureVerifier::new(settings.meta_app_secrets.clone()),

@@ -141,11 +141,28 @@ async fn show_health(State(state): State<PlatformState>, headers: HeaderMap) -> 
 
 /// Body of `POST /platform/webhook-deliveries/replay`: a selection and the reason.
 #[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ReplayRequest {
-    #[serde(flatten)]
-    selection: parked::Selection,
+    #[serde(default)]
+    ids: Vec<i64>,
+    org_id: Option<uuid::Uuid>,
+    subscription_id: Option<uuid::Uuid>,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    until: Option<chrono::DateTime<chrono::Utc>>,
     #[serde(default)]
     reason: String,
+}
+
+impl ReplayRequest {
+    fn selection(&self) -> parked::Selection {
+        parked::Selection {
+            ids: self.ids.clone(),
+            org_id: self.org_id,
+            subscription_id: self.subscription_id,
+            since: self.since,
+            until: self.until,
+        }
+    }
 }
 
 /// `POST /platform/webhook-deliveries/replay`: puts the selected parked deliveries back
@@ -182,7 +199,7 @@ async fn replay_parked(
     note.reason = Some(request.reason.clone());
     let invalid = if request.reason.trim().is_empty() {
         Some("reason is required: say why these deliveries are replayed")
-    } else if request.selection.is_empty() {
+    } else if request.selection().is_empty() {
         Some("select what to replay: ids, or a window with since/until, org_id or subscription_id")
     } else {
         None
@@ -199,7 +216,7 @@ async fn replay_parked(
         ip: Some(peer.ip().to_string()),
         user_agent: headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned),
     };
-    let mut response = match parked::replay(&state.pool, &request.selection, &request.reason, &requester, |_| {}).await {
+    let mut response = match parked::replay(&state.pool, &request.selection(), &request.reason, &requester, |_| {}).await {
         Ok(report) => (StatusCode::OK, Json(report)).into_response(),
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "failed to replay parked deliveries");

@@ -19,6 +19,9 @@ use crate::AppState;
 use crate::meta;
 use crate::store::{Outcome, StoreError, VerifiedWebhook};
 
+/// Longest time a client may take to send a webhook body.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// `GET /webhooks/whatsapp`: answers the bare `hub.challenge` when `hub.verify_token`
 /// matches, 403 otherwise. No signature is involved.
 pub async fn verify_subscription(State(state): State<AppState>, Query(query): Query<HashMap<String, String>>) -> Response {
@@ -57,7 +60,15 @@ async fn receive(state: &AppState, headers: &HeaderMap, body: Body) -> Response 
     if declared_length.is_some_and(|length| length > limit as u64) {
         return too_large(limit);
     }
-    let body = match axum::body::to_bytes(body, limit).await {
+    // A client that stalls mid-body would otherwise hold its connection for ever.
+    // NOTE: a client stalling inside the request headers is not timed out here; put the
+    // public listener behind a proxy with a header timeout.
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit)).await;
+    let Ok(read) = read else {
+        tracing::warn!(timeout_seconds = BODY_READ_TIMEOUT.as_secs(), "timed out reading a webhook body");
+        return (StatusCode::REQUEST_TIMEOUT, Json(json!({"error": "timed out reading the request body"}))).into_response();
+    };
+    let body = match read {
         Ok(body) => body,
         Err(error) => {
             let inner = error.into_inner();

@@ -5,6 +5,7 @@ use std::process::Command;
 use reach_shared::signing::WebhookSecret;
 use reach_shared::testing::TestDatabase;
 use secrecy::ExposeSecret;
+use sha2::Digest;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -60,6 +61,15 @@ async fn provision_twice_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(active, 2, "the previous secret keeps signing during the rotation");
+
+    let back = reachctl(&database, &["provision", "--file", file.path()]).expect("rotation back");
+    assert_eq!(back[0]["provisioned"]["secrets"], 1, "giving the earlier secret again rotates back to it");
+    let permanent: Vec<Vec<u8>> = sqlx::query_scalar("SELECT secret_sha256 FROM webhook_subscription_secrets WHERE expires_at IS NULL")
+        .fetch_all(&database.pool)
+        .await
+        .unwrap();
+    let first_hash = sha2::Sha256::digest(secret.expose_secret().as_bytes()).to_vec();
+    assert_eq!(permanent, vec![first_hash], "only the earlier secret signs for good");
     database.drop_database().await.unwrap();
 }
 

@@ -64,6 +64,9 @@ impl TokenVerifier {
             return Ok(Self { key: Some((key, Validation::new(algorithm))) });
         }
         match env.get("REACH_HUB_JWT_SECRET") {
+            Some(secret) if environment == Environment::Production && secret.len() < 32 => {
+                anyhow::bail!("REACH_HUB_JWT_SECRET is too short for production: use at least 32 random bytes")
+            }
             Some(secret) => Ok(Self::hs256(&SecretString::from(secret))?),
             None if environment == Environment::Production => {
                 anyhow::bail!("REACH_HUB_JWT_SECRET or REACH_HUB_JWT_PUBLIC_KEY is required in production")
@@ -82,15 +85,24 @@ impl TokenVerifier {
 
     /// Verifies the value of an `Authorization` header.
     pub fn verify_header(&self, authorization: Option<&str>) -> Result<Claims, AuthError> {
+        // The scheme name is case-insensitive (RFC 9110, section 11.1).
         let token = authorization
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(|value| value.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
             .filter(|token| !token.is_empty())
             .ok_or(AuthError::MissingToken)?;
         let (key, validation) = self.key.as_ref().ok_or(AuthError::NotConfigured)?;
-        jsonwebtoken::decode::<Claims>(token, key, validation)
-            .map(|data| data.claims)
-            .map_err(|error| AuthError::InvalidToken(error.to_string()))
+        jsonwebtoken::decode::<Claims>(token, key, validation).map(|data| data.claims).map_err(|error| {
+            // The caller learns only the kind of failure; parser details stay in the log.
+            tracing::info!(%error, "rejected a bearer token");
+            let kind = match error.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => "expired",
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => "signature does not verify",
+                _ => "malformed or not signed with the configured key",
+            };
+            AuthError::InvalidToken(kind.to_owned())
+        })
     }
 }
 
@@ -120,6 +132,8 @@ mod tests {
     fn bad_tokens_rejected() {
         let verifier = TokenVerifier::hs256(&"s3cret".to_owned().into()).unwrap();
         assert_eq!(verifier.verify_header(None), Err(AuthError::MissingToken));
+        let lowercase = format!("bearer {}", token("s3cret", serde_json::json!({"sub": "u1", "exp": in_an_hour()})));
+        assert!(verifier.verify_header(Some(&lowercase)).is_ok(), "the scheme is case-insensitive");
         assert_eq!(verifier.verify_header(Some("Basic abc")), Err(AuthError::MissingToken));
         let wrong_key = format!("Bearer {}", token("other", serde_json::json!({"sub": "u1", "exp": in_an_hour()})));
         assert!(matches!(verifier.verify_header(Some(&wrong_key)), Err(AuthError::InvalidToken(_))));

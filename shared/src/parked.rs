@@ -5,16 +5,15 @@
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::audit::{self, AuditEvent};
 
 /// Which parked deliveries a command applies to.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default)]
 pub struct Selection {
-    #[serde(default)]
     pub ids: Vec<i64>,
     pub org_id: Option<Uuid>,
     pub subscription_id: Option<Uuid>,

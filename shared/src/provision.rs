@@ -1,6 +1,8 @@
 //! Applying a provisioning file: orgs, their WABAs and phone numbers, and webhook
 //! subscriptions with their signing secrets. Applying the same file twice changes
-//! nothing: rows are only written when a value differs.
+//! nothing: rows are only written when a value differs. A phone number's quality rating
+//! is taken from the file only when the number is created; after that Meta's quality
+//! updates own it.
 
 use anyhow::{Context, bail};
 use secrecy::{ExposeSecret, SecretString};
@@ -203,11 +205,10 @@ async fn apply_phone_number(tx: &mut Transaction<'_, Postgres>, org_id: Uuid, wa
              display_phone_number = EXCLUDED.display_phone_number,
              display_digits = EXCLUDED.display_digits,
              mps = EXCLUDED.mps,
-             quality_rating = EXCLUDED.quality_rating,
              updated_at = now()
          WHERE phone_numbers.org_id = EXCLUDED.org_id
-           AND (phone_numbers.waba_id, phone_numbers.display_phone_number, phone_numbers.mps, phone_numbers.quality_rating)
-               IS DISTINCT FROM (EXCLUDED.waba_id, EXCLUDED.display_phone_number, EXCLUDED.mps, EXCLUDED.quality_rating)
+           AND (phone_numbers.waba_id, phone_numbers.display_phone_number, phone_numbers.mps)
+               IS DISTINCT FROM (EXCLUDED.waba_id, EXCLUDED.display_phone_number, EXCLUDED.mps)
          RETURNING org_id",
     )
     .bind(&number.phone_number_id)
@@ -267,12 +268,27 @@ async fn apply_subscription(
     }
 
     let hash = Sha256::digest(subscription.secret.expose_secret().as_bytes()).to_vec();
-    let known: Option<i64> = sqlx::query_scalar("SELECT id FROM webhook_subscription_secrets WHERE subscription_id = $1 AND secret_sha256 = $2")
-        .bind(subscription.id)
-        .bind(&hash)
-        .fetch_optional(&mut **tx)
-        .await?;
+    let known: Option<(i64, bool)> = sqlx::query_as(
+        "SELECT id, expires_at IS NOT NULL FROM webhook_subscription_secrets WHERE subscription_id = $1 AND secret_sha256 = $2",
+    )
+    .bind(subscription.id)
+    .bind(&hash)
+    .fetch_optional(&mut **tx)
+    .await?;
     let mut secrets = 0;
+    if let Some((id, true)) = known {
+        // Going back to a secret being rotated out: it signs for good again, and the
+        // others are rotated out in its place.
+        sqlx::query(
+            "UPDATE webhook_subscription_secrets SET expires_at = now() + interval '24 hours'
+             WHERE subscription_id = $1 AND expires_at IS NULL",
+        )
+        .bind(subscription.id)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("UPDATE webhook_subscription_secrets SET expires_at = NULL WHERE id = $1").bind(id).execute(&mut **tx).await?;
+        secrets = 1;
+    }
     if known.is_none() {
         sqlx::query(
             "UPDATE webhook_subscription_secrets SET expires_at = now() + interval '24 hours'

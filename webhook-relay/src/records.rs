@@ -57,8 +57,10 @@ impl RetryPolicy {
             Verdict::Gone => Next::Parked("endpoint answered 410 Gone: subscription disabled".to_owned()),
             _ if exhausted => Next::Parked(format!("failed {attempts} attempts, the retry schedule is exhausted")),
             Verdict::Throttled(Some(wait)) => {
+                // The later of Retry-After and the schedule: honouring a short Retry-After
+                // must not use the schedule up faster than failures would.
                 let wait = wait.clamp(Duration::from_secs(1), self.retry_after_max);
-                Next::Retry(Utc::now() + wait)
+                Next::Retry(Utc::now() + wait.max(jittered(self.schedule[attempts - 1])))
             }
             Verdict::Throttled(None) | Verdict::Failed => Next::Retry(Utc::now() + jittered(self.schedule[attempts - 1])),
         }

@@ -79,6 +79,10 @@ impl Subscription {
     }
 }
 
+/// How long a subscription disabled by this process stays hidden whatever the cache
+/// says: long enough for the disabling write to commit and the cache to reload.
+const DISABLED_OVERRIDE: Duration = Duration::from_secs(30);
+
 struct CachedOrg {
     loaded_at: Instant,
     subscriptions: Vec<Arc<Subscription>>,
@@ -93,7 +97,9 @@ pub struct SubscriptionCache {
     orgs: RwLock<HashMap<Uuid, Arc<CachedOrg>>>,
     lanes: std::sync::Mutex<HashMap<Uuid, Arc<Lane>>>,
     /// Subscriptions this process disabled, hidden at once, before the database says so.
-    disabled: std::sync::Mutex<std::collections::HashSet<Uuid>>,
+    /// An entry lapses after [`DISABLED_OVERRIDE`]; from then on the database decides, so
+    /// a subscription enabled again is delivered to again.
+    disabled: std::sync::Mutex<HashMap<Uuid, Instant>>,
 }
 
 impl SubscriptionCache {
@@ -105,21 +111,20 @@ impl SubscriptionCache {
             in_flight_limit,
             orgs: RwLock::new(HashMap::new()),
             lanes: std::sync::Mutex::new(HashMap::new()),
-            disabled: std::sync::Mutex::new(std::collections::HashSet::new()),
+            disabled: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
     /// Returns the org's active subscriptions that want `event_type`.
     pub async fn matching(&self, org_id: Uuid, event_type: EventType) -> Result<Vec<Arc<Subscription>>, sqlx::Error> {
         let org = self.org(org_id).await?;
-        let disabled = self.disabled.lock().expect("disabled set lock is never poisoned");
-        Ok(org.subscriptions.iter().filter(|s| s.wants(event_type) && !disabled.contains(&s.id)).cloned().collect())
+        Ok(org.subscriptions.iter().filter(|s| s.wants(event_type) && !self.is_disabled(s.id)).cloned().collect())
     }
 
     /// Returns one active subscription, or `None` when it is gone or disabled.
     pub async fn get(&self, org_id: Uuid, subscription_id: Uuid) -> Result<Option<Arc<Subscription>>, sqlx::Error> {
         let org = self.org(org_id).await?;
-        if self.disabled.lock().expect("disabled set lock is never poisoned").contains(&subscription_id) {
+        if self.is_disabled(subscription_id) {
             return Ok(None);
         }
         Ok(org.subscriptions.iter().find(|s| s.id == subscription_id).cloned())
@@ -128,7 +133,19 @@ impl SubscriptionCache {
     /// Hides a subscription at once, before its disabling is committed, so no event
     /// processed meanwhile reaches an endpoint that answered 410 Gone.
     pub fn disable(&self, subscription_id: Uuid) {
-        self.disabled.lock().expect("disabled set lock is never poisoned").insert(subscription_id);
+        self.disabled.lock().expect("disabled map lock is never poisoned").insert(subscription_id, Instant::now());
+    }
+
+    fn is_disabled(&self, subscription_id: Uuid) -> bool {
+        let mut disabled = self.disabled.lock().expect("disabled map lock is never poisoned");
+        match disabled.get(&subscription_id) {
+            Some(at) if at.elapsed() < DISABLED_OVERRIDE.max(self.ttl) => true,
+            Some(_) => {
+                disabled.remove(&subscription_id);
+                false
+            }
+            None => false,
+        }
     }
 
     async fn org(&self, org_id: Uuid) -> Result<Arc<CachedOrg>, sqlx::Error> {

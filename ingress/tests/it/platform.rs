@@ -152,6 +152,15 @@ async fn parked_replay_needs_reason() {
     assert_eq!(without_reason.status(), StatusCode::UNPROCESSABLE_ENTITY, "a replay needs a reason");
     let without_selection = ingress.client.post(&url).header("authorization", &admin).json(&json!({"reason": "fixed"})).send().await.unwrap();
     assert_eq!(without_selection.status(), StatusCode::UNPROCESSABLE_ENTITY, "a replay needs a selection");
+    let misspelt = ingress
+        .client
+        .post(&url)
+        .header("authorization", &admin)
+        .json(&json!({"org": org_id, "since": "2026-01-01T00:00:00Z", "reason": "fixed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(misspelt.status(), StatusCode::UNPROCESSABLE_ENTITY, "an unknown field is rejected, not ignored");
     assert_eq!(ingress.count("SELECT count(*) FROM webhook_deliveries WHERE status = 'parked'").await, 3, "refused replays change nothing");
 
     let replayed = ingress
@@ -170,7 +179,7 @@ async fn parked_replay_needs_reason() {
     let audited: Vec<(String, i32, Option<String>)> =
         sqlx::query_as("SELECT action, status_code, reason FROM platform.audit_events ORDER BY id").fetch_all(&ingress.pool).await.unwrap();
     let statuses: Vec<i32> = audited.iter().filter(|a| a.0 == "PlatformParkedDeliveries.Replay").map(|a| a.1).collect();
-    assert_eq!(statuses, vec![401, 422, 422, 200], "every request is audited");
+    assert_eq!(statuses, vec![401, 422, 422, 422, 200], "every request is audited");
     let change = audited.iter().find(|a| a.0 == "ParkedDeliveries.Replay").expect("the replay itself is audited");
     assert!(change.2.as_deref().unwrap_or_default().starts_with("endpoint fixed"), "{change:?}");
     ingress.finish().await;
