@@ -19,10 +19,10 @@ use crate::AppState;
 use crate::meta;
 use crate::store::{Outcome, StoreError, VerifiedWebhook};
 
-/// Longest time a client may take to send a webhook body.
+/// Maximum time a client may take to send a webhook body.
 const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// `GET /webhooks/whatsapp`: answers the bare `hub.challenge` when `hub.verify_token`
+/// `GET /webhooks/whatsapp`: returns the bare `hub.challenge` when `hub.verify_token`
 /// matches, 403 otherwise. No signature is involved.
 pub async fn verify_subscription(State(state): State<AppState>, Query(query): Query<HashMap<String, String>>) -> Response {
     let mode = query.get("hub.mode").map(String::as_str);
@@ -42,7 +42,7 @@ pub async fn verify_subscription(State(state): State<AppState>, Query(query): Qu
 }
 
 /// `POST /webhooks/whatsapp`: verifies the signature over the raw bytes, then stores
-/// the body, its events and their outbox rows in one transaction, and answers 200
+/// the body, its events and their outbox rows in one transaction, and responds 200
 /// only after the commit.
 pub async fn receive_notification(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();

@@ -23,7 +23,7 @@ pub struct Claims {
     pub platform_admin: bool,
 }
 
-/// Why a request was not authenticated. The message is safe to return to the caller.
+/// The reason a request was not authenticated. The message is safe to return to the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error("missing bearer token: send Authorization: Bearer <token>")]

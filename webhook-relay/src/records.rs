@@ -1,5 +1,5 @@
 //! Recording delivery outcomes. Consumers and the retry lane hand records to one
-//! writer, which writes whatever is waiting in one transaction and answers each
+//! writer, which writes whatever is waiting in one transaction and replies to each
 //! submitter after the commit; an event message is acknowledged only then.
 
 use std::collections::HashMap;
@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::sender::{Attempt, Verdict};
 
-/// Where a delivery goes after an attempt.
+/// The state a delivery moves to after an attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Next {
     Delivered,
@@ -356,7 +356,8 @@ async fn insert_attempts(tx: &mut Transaction<'_, Postgres>, attempts: &[(i64, U
     Ok(())
 }
 
-/// A 410 disables the subscription and parks everything still pending for it.
+/// Disables a subscription whose endpoint answered 410 Gone and parks everything still
+/// pending for it.
 async fn disable_subscription(tx: &mut Transaction<'_, Postgres>, subscription_id: Uuid) -> Result<(), sqlx::Error> {
     let disabled = sqlx::query(
         "UPDATE webhook_subscriptions SET status = 'disabled', disabled_reason = 'endpoint answered 410 Gone', updated_at = now()
