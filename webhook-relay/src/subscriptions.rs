@@ -79,10 +79,6 @@ impl Subscription {
     }
 }
 
-/// How long a subscription disabled by this process stays hidden whatever the cache
-/// says: long enough for the disabling write to commit and the cache to reload.
-const DISABLED_OVERRIDE: Duration = Duration::from_secs(30);
-
 struct CachedOrg {
     loaded_at: Instant,
     subscriptions: Vec<Arc<Subscription>>,
@@ -97,8 +93,9 @@ pub struct SubscriptionCache {
     orgs: RwLock<HashMap<Uuid, Arc<CachedOrg>>>,
     lanes: std::sync::Mutex<HashMap<Uuid, Arc<Lane>>>,
     /// Subscriptions this process disabled, hidden at once, before the database says so.
-    /// An entry lapses after [`DISABLED_OVERRIDE`]; from then on the database decides, so
-    /// a subscription enabled again is delivered to again.
+    /// An entry lapses after two cache lifetimes, time for the disabling write to commit
+    /// and the cache to reload; from then on the database decides, so a subscription
+    /// enabled again is delivered to again.
     disabled: std::sync::Mutex<HashMap<Uuid, Instant>>,
 }
 
@@ -139,7 +136,7 @@ impl SubscriptionCache {
     fn is_disabled(&self, subscription_id: Uuid) -> bool {
         let mut disabled = self.disabled.lock().expect("disabled map lock is never poisoned");
         match disabled.get(&subscription_id) {
-            Some(at) if at.elapsed() < DISABLED_OVERRIDE.max(self.ttl) => true,
+            Some(at) if at.elapsed() < self.ttl * 2 => true,
             Some(_) => {
                 disabled.remove(&subscription_id);
                 false

@@ -64,3 +64,31 @@ async fn gone_during_retry_disables() {
     assert_eq!(gone.count(), 2, "no request after the 410");
     h.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enabled_again_after_gone() {
+    let h = Harness::start(&[("REACH_RELAY_SUBSCRIPTION_CACHE_MS", "200")]).await;
+    let endpoint = Subscriber::scripted(vec![Reply::status(410)], Reply::status(204)).await;
+    let sub = Sub::new(&endpoint.url, &["*"]);
+    let org = h.provision_org(&[&sub]).await;
+
+    let answered_gone = event(org, EventType::MessageReceived);
+    h.publish(std::slice::from_ref(&answered_gone)).await;
+    h.wait_delivery(answered_gone.id, sub.id, "parked").await;
+    let (status, _) = h.subscription_status(sub.id).await;
+    assert_eq!(status, "disabled", "the 410 disables the subscription");
+
+    // The operator enables it again once the endpoint is fixed.
+    sqlx::query("UPDATE webhook_subscriptions SET status = 'active', disabled_reason = NULL WHERE id = $1")
+        .bind(sub.id)
+        .execute(&h.pool)
+        .await
+        .expect("enable the subscription");
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+
+    let later = event(org, EventType::MessageReceived);
+    h.publish(std::slice::from_ref(&later)).await;
+    h.wait_delivery(later.id, sub.id, "delivered").await;
+    assert_eq!(endpoint.count(), 2, "the enabled subscription gets the later event");
+    h.finish().await;
+}
