@@ -47,13 +47,33 @@ impl TestDatabase {
     /// Drops the database, closing every connection to it first.
     pub async fn drop_database(self) -> anyhow::Result<()> {
         self.pool.close().await;
-        let admin = PgPoolOptions::new().max_connections(1).connect(&format!("{}/postgres", server_url())).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
-            .execute(&admin)
-            .await?;
-        admin.close().await;
-        Ok(())
+        drop_database_named(&self.name).await
     }
+}
+
+/// Drops a test database by name, forcing its connections closed.
+async fn drop_database_named(name: &str) -> anyhow::Result<()> {
+    let admin = PgPoolOptions::new().max_connections(1).connect(&format!("{}/postgres", server_url())).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    Ok(())
+}
+
+/// Deletes a test's queues and drops its database from a `Drop` implementation, after
+/// a test panicked. `Drop` cannot await and the test's runtime may be unwinding, so the
+/// cleanup runs on a thread with a runtime of its own and fresh connections. Failures
+/// are ignored: the test has already failed.
+pub fn clean_up_after_panic(database_name: String, topology: Topology) {
+    let cleanup = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a cleanup runtime");
+        runtime.block_on(async move {
+            let _ = delete_topology(&topology).await;
+            let _ = drop_database_named(&database_name).await;
+        });
+    });
+    let _ = cleanup.join();
 }
 
 /// A unique exchange and queue prefix, so tests running at once never share a queue.

@@ -18,7 +18,6 @@ use reach_shared::testing::{self, TestDatabase};
 use reach_webhook_relay::{RelaySettings, RunningRelay};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
-use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -277,9 +276,7 @@ impl Harness {
 }
 
 impl Drop for Harness {
-    /// Cleans up after a test that panicked before [`Harness::finish`]. `Drop` cannot
-    /// await and the test's runtime may be unwinding, so the cleanup runs on a thread
-    /// with a runtime of its own and fresh connections.
+    /// Cleans up after a test that panicked before [`Harness::finish`].
     fn drop(&mut self) {
         if let Some((shutdown, _)) = &self.relay {
             shutdown.cancel();
@@ -288,24 +285,7 @@ impl Drop for Harness {
         let Some(database) = self.database.take() else { return };
         let name = database.name.clone();
         drop(database);
-        let topology = self.topology.clone();
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a cleanup runtime");
-            runtime.block_on(async move {
-                let _ = testing::delete_topology(&topology).await;
-                let admin = PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(&format!("{}/postgres", testing::server_url()))
-                    .await;
-                if let Ok(admin) = admin {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                        .execute(&admin)
-                        .await;
-                    admin.close().await;
-                }
-            });
-        });
-        let _ = cleanup.join();
+        testing::clean_up_after_panic(name, self.topology.clone());
     }
 }
 
