@@ -16,7 +16,7 @@ use crate::subscriptions::Subscription;
 /// At most this much of a response body is read and stored.
 pub const MAX_STORED_RESPONSE_BYTES: usize = 64 * 1024;
 
-/// What one attempt produced, as recorded in `webhook_attempts`.
+/// The result of one attempt, as recorded in `webhook_attempts`.
 #[derive(Debug, Clone)]
 pub struct Attempt {
     pub attempted_at: DateTime<Utc>,
@@ -28,7 +28,7 @@ pub struct Attempt {
     pub verdict: Verdict,
 }
 
-/// How the delivery rules read an attempt.
+/// The delivery rules' reading of an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// 2xx.
@@ -78,15 +78,14 @@ impl Sender {
             verdict,
         };
 
-        if let Some(url::Host::Ipv4(ip)) = subscription.url.host() {
-            if let Err(refused) = ssrf::check_literal(ip.into(), self.allow_private) {
-                return failed(refused.to_string(), Verdict::Forbidden);
-            }
-        }
-        if let Some(url::Host::Ipv6(ip)) = subscription.url.host() {
-            if let Err(refused) = ssrf::check_literal(ip.into(), self.allow_private) {
-                return failed(refused.to_string(), Verdict::Forbidden);
-            }
+        // The resolver never sees address literals, so they are checked here.
+        let literal: Option<std::net::IpAddr> = match subscription.url.host() {
+            Some(url::Host::Ipv4(ip)) => Some(ip.into()),
+            Some(url::Host::Ipv6(ip)) => Some(ip.into()),
+            Some(url::Host::Domain(_)) | None => None,
+        };
+        if let Some(Err(refused)) = literal.map(|ip| ssrf::check_literal(ip, self.allow_private)) {
+            return failed(refused.to_string(), Verdict::Forbidden);
         }
 
         let id = event_id.to_string();
@@ -105,8 +104,8 @@ impl Sender {
         let mut response = match request.send().await {
             Ok(response) => response,
             Err(error) => {
-                if find_cause::<NonPublicAddress>(&error).is_some() {
-                    return failed(format!("{}", find_cause::<NonPublicAddress>(&error).expect("checked")), Verdict::Forbidden);
+                if let Some(refused) = find_cause::<NonPublicAddress>(&error) {
+                    return failed(refused.to_string(), Verdict::Forbidden);
                 }
                 let kind = if error.is_timeout() {
                     "timed out"
