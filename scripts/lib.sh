@@ -30,7 +30,7 @@ ensure_build_packages() {
     command -v cargo >/dev/null || die "cargo is not installed: install the Rust toolchain with rustup"
 }
 
-# Starts the local PostgreSQL cluster when it is installed but not answering.
+# Starts the local PostgreSQL cluster when it is installed but not accepting connections.
 ensure_postgres() {
     if pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
         return
@@ -65,7 +65,7 @@ recreate_database() {
         -c "DROP DATABASE IF EXISTS \"$name\" WITH (FORCE)" -c "CREATE DATABASE \"$name\"" >&2
 }
 
-# Waits until an HTTP URL answers 200, or fails after the given seconds (default 30).
+# Waits until an HTTP URL returns 200, or fails after the given seconds (default 30).
 wait_for_http() {
     local url=$1 seconds=${2:-30}
     for _ in $(seq 1 $((seconds * 10))); do
@@ -74,7 +74,7 @@ wait_for_http() {
         fi
         sleep 0.1
     done
-    die "$url did not answer within ${seconds}s"
+    die "$url did not return 200 within ${seconds}s"
 }
 
 # Prints the first TCP port from the given one upward on which nothing listens on

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 pub use settings::IngressSettings;
 use store::WebhookStore;
 
-/// What every handler can reach.
+/// The state every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
     pub settings: Arc<IngressSettings>,

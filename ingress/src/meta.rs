@@ -8,7 +8,7 @@ use reach_shared::events::EventType;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-/// Where an item belongs, before the database resolves it to an org.
+/// The destination of an item, before the database resolves it to an org.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Target {
     /// `metadata.phone_number_id` of a `messages` change.
@@ -58,7 +58,7 @@ pub struct QualityUpdate {
 pub struct Item {
     pub target: Target,
     pub event_type: EventType,
-    /// What makes two items the same fact; unique per org.
+    /// The key that makes two items the same fact, unique per org.
     pub dedup_key: String,
     pub data: Value,
     pub status: Option<StatusUpdate>,
@@ -76,7 +76,7 @@ pub struct Notification {
 /// At most this many problem descriptions are kept per body.
 const MAX_PROBLEMS_KEPT: usize = 20;
 
-/// Longest wamid accepted. Meta's are about 60 characters; a longer one could not be
+/// Maximum wamid length accepted. Meta's are about 60 characters; a longer one could not be
 /// indexed (Postgres btree entries are limited to 2,704 bytes), so the item is skipped
 /// as a problem instead of failing the transaction on every retry.
 const MAX_WAMID_LENGTH: usize = 512;
@@ -301,7 +301,7 @@ pub fn digits(number: &str) -> String {
     number.chars().filter(char::is_ascii_digit).collect()
 }
 
-/// A dedup key for updates without an id of their own: the hash of their content.
+/// Builds the dedup key of an update without an id of its own: the hash of its content.
 fn content_key(kind: &str, waba_id: &str, time: Option<&Value>, value: &Map<String, Value>) -> String {
     let mut hasher = Sha256::new();
     hasher.update(serde_json::to_vec(&json!([waba_id, time, value])).expect("a JSON value serialises"));

@@ -25,7 +25,7 @@ pub struct PlatformState {
     pub tokens: TokenVerifier,
 }
 
-/// What the audit row records about one request; handlers fill it in through a
+/// The facts the audit row records about one request; handlers fill it in through a
 /// response extension.
 #[derive(Debug, Clone, Default)]
 struct AuditNote {

@@ -32,7 +32,7 @@ pub struct VerifiedWebhook {
     pub received_at: DateTime<Utc>,
 }
 
-/// What the store did with a webhook. Every variant is answered 200 to Meta.
+/// The store's outcome for a webhook. Meta gets 200 for every variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// Stored; `new_events` events were created (0 when every item was seen before).
@@ -200,7 +200,7 @@ fn classify(error: &sqlx::Error) -> StoreError {
     if is_transient(error) { StoreError::Unavailable } else { StoreError::Failed }
 }
 
-/// Where routed items of one batch belong.
+/// The orgs (and phone numbers) that the items of one batch route to.
 #[derive(Default)]
 struct Routes {
     phone_numbers: HashMap<String, Uuid>,

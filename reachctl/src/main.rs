@@ -46,7 +46,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct Operator {
-    /// Who runs the command, recorded in the audit log.
+    /// Name of the operator running the command, recorded in the audit log.
     #[arg(long, env = "REACH_OPERATOR")]
     actor: String,
 }
@@ -65,7 +65,7 @@ enum ParkedCommand {
     Replay {
         #[command(flatten)]
         selection: SelectionArgs,
-        /// Why they are replayed; recorded in the audit log. Required.
+        /// Reason for the replay, recorded in the audit log. Required.
         #[arg(long)]
         reason: String,
         #[command(flatten)]

@@ -24,7 +24,7 @@ pub fn connect_lazy(url: &SecretString, max_connections: u32) -> anyhow::Result<
         .context("invalid DATABASE_URL")
 }
 
-/// Opens a pool and checks that Postgres answers.
+/// Opens a pool and checks that Postgres accepts a query.
 pub async fn connect(url: &SecretString, max_connections: u32) -> anyhow::Result<PgPool> {
     let pool = connect_lazy(url, max_connections)?;
     sqlx::query("SELECT 1")

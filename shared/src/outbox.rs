@@ -113,7 +113,7 @@ pub struct Publisher {
     pub readiness: Readiness,
 }
 
-/// What happened to one claimed row.
+/// The outcome of publishing one claimed row.
 enum PublishResult {
     Confirmed(i64),
     Rejected { id: i64, reason: &'static str },

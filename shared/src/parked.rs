@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::audit::{self, AuditEvent};
 
-/// Which parked deliveries a command applies to.
+/// The set of parked deliveries a command applies to.
 #[derive(Debug, Clone, Default)]
 pub struct Selection {
     pub ids: Vec<i64>,
@@ -96,7 +96,7 @@ pub struct ReplayReport {
     pub skipped_disabled: u64,
 }
 
-/// Who asked for a replay, as recorded in the audit event.
+/// The operator requesting a replay, as recorded in the audit event.
 #[derive(Debug, Clone, Default)]
 pub struct Requester {
     pub user_id: String,
@@ -185,7 +185,7 @@ fn bind_filter<'q>(
         .bind(selection.until)
 }
 
-/// The selection as stored in the audit event's target.
+/// Describes the selection for the audit event's target.
 fn describe(selection: &Selection) -> String {
     let mut parts = Vec::new();
     if !selection.ids.is_empty() {

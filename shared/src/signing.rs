@@ -12,7 +12,7 @@ use subtle::ConstantTimeEq;
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
-/// Why an inbound signature was rejected. The variants become the `reason` label of
+/// The reason an inbound signature was rejected. The variants become the `reason` label of
 /// the unauthorized counter, so they stay few.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {

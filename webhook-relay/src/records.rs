@@ -356,7 +356,7 @@ async fn insert_attempts(tx: &mut Transaction<'_, Postgres>, attempts: &[(i64, U
     Ok(())
 }
 
-/// Disables a subscription whose endpoint answered 410 Gone and parks everything still
+/// Disables a subscription whose endpoint returned 410 Gone and parks everything still
 /// pending for it.
 async fn disable_subscription(tx: &mut Transaction<'_, Postgres>, subscription_id: Uuid) -> Result<(), sqlx::Error> {
     let disabled = sqlx::query(
@@ -376,7 +376,7 @@ async fn disable_subscription(tx: &mut Transaction<'_, Postgres>, subscription_i
     .execute(&mut **tx)
     .await?;
     if disabled > 0 {
-        tracing::warn!(%subscription_id, parked = parked.rows_affected(), "disabled a subscription whose endpoint answered 410 Gone");
+        tracing::warn!(%subscription_id, parked = parked.rows_affected(), "disabled a subscription whose endpoint returned 410 Gone");
         metrics::counter!("reach_relay_subscriptions_disabled_total").increment(1);
     }
     Ok(())

@@ -23,7 +23,7 @@ pub struct RelaySettings {
     pub global_in_flight: usize,
     /// HTTP requests in flight to one subscription; a slow endpoint cannot take more.
     pub subscription_in_flight: usize,
-    /// Longest wait of a first attempt for a slot of its subscription, measured or
+    /// Maximum wait of a first attempt for a slot of its subscription, measured or
     /// estimated from the subscription's recent attempt durations; past it the delivery
     /// is handed to the retry lane, so a slow endpoint never blocks the queue.
     pub overflow_after: Duration,

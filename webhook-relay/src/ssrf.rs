@@ -9,7 +9,7 @@ use std::pin::Pin;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
-/// Why a target address was refused.
+/// The error of a target address that is not public.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("target address {0} is not a public address")]
 pub struct NonPublicAddress(pub IpAddr);

@@ -92,7 +92,7 @@ pub struct SubscriptionCache {
     in_flight_limit: usize,
     orgs: RwLock<HashMap<Uuid, Arc<CachedOrg>>>,
     lanes: std::sync::Mutex<HashMap<Uuid, Arc<Lane>>>,
-    /// Subscriptions this process disabled, hidden at once, before the database says so.
+    /// Subscriptions this process disabled, hidden at once, before the database records it.
     /// An entry lapses after two cache lifetimes, time for the disabling write to commit
     /// and the cache to reload; from then on the database decides, so a subscription
     /// enabled again is delivered to again.
@@ -128,7 +128,7 @@ impl SubscriptionCache {
     }
 
     /// Hides a subscription at once, before its disabling is committed, so no event
-    /// processed meanwhile reaches an endpoint that answered 410 Gone.
+    /// processed meanwhile reaches an endpoint that returned 410 Gone.
     pub fn disable(&self, subscription_id: Uuid) {
         self.disabled.lock().expect("disabled map lock is never poisoned").insert(subscription_id, Instant::now());
     }
