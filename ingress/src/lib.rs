@@ -5,10 +5,12 @@
 //! Layout:
 //! - [`settings`]: typed settings from the environment.
 //! - [`routes`]: the `/webhooks/whatsapp` handlers (handshake and notifications).
+//! - [`api`]: the customer API `/v1/*` (messages, webhook subscriptions and deliveries).
 //! - [`meta`]: parsing Meta's bodies into normalised items.
 //! - [`store`]: routing items to orgs and writing them, with group commit.
 //! - [`platform`]: the operator listener (`/platform/health`) and its audit log.
 
+pub mod api;
 pub mod meta;
 pub mod platform;
 pub mod routes;
@@ -71,6 +73,13 @@ pub async fn start(settings: IngressSettings, shutdown: CancellationToken) -> an
     ops::probe_database(pool.clone(), readiness.clone(), std::time::Duration::from_secs(2), shutdown.clone());
     let waker = OutboxWaker::default();
     let (store, mut writers) = WebhookStore::start(pool.clone(), settings.store.clone(), waker.clone());
+    let api_state = api::ApiState {
+        pool: pool.clone(),
+        tokens: settings.tokens.clone(),
+        sealer: settings.sealer.clone(),
+        waker: waker.clone(),
+        send_shards: settings.send_shards,
+    };
 
     let publisher_task = if settings.run_publisher {
         let publisher = Publisher {
@@ -96,7 +105,8 @@ pub async fn start(settings: IngressSettings, shutdown: CancellationToken) -> an
     };
     let router = Router::new()
         .route("/webhooks/whatsapp", get(routes::verify_subscription).post(routes::receive_notification))
-        .with_state(state);
+        .with_state(state)
+        .nest("/v1", api::router(api_state));
     let listener = TcpListener::bind(settings.ingress_addr)
         .await
         .with_context(|| format!("failed to bind REACH_INGRESS_ADDR {}", settings.ingress_addr))?;

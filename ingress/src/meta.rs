@@ -30,6 +30,17 @@ pub enum StatusRank {
 }
 
 impl StatusRank {
+    /// The state an outbound message reaches with this status.
+    pub fn message_state(self) -> reach_shared::sends::MessageState {
+        use reach_shared::sends::MessageState;
+        match self {
+            StatusRank::Sent => MessageState::Sent,
+            StatusRank::Delivered => MessageState::Delivered,
+            StatusRank::Read => MessageState::Read,
+            StatusRank::Failed => MessageState::Failed,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             StatusRank::Sent => "sent",
@@ -45,6 +56,10 @@ pub struct StatusUpdate {
     pub wamid: String,
     pub rank: StatusRank,
     pub error_code: Option<i32>,
+    pub error_title: Option<String>,
+    /// The outbound message id the dispatcher put in `biz_opaque_callback_data`, which
+    /// Meta echoes in every status of that message.
+    pub message_id: Option<uuid::Uuid>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -201,13 +216,16 @@ impl Notification {
                     continue;
                 }
             };
-            let error_code = status
-                .get("errors")
-                .and_then(Value::as_array)
-                .and_then(|errors| errors.first())
-                .and_then(|error| error.get("code"))
-                .and_then(id_string)
-                .and_then(|code| code.parse().ok());
+            let first_error = status.get("errors").and_then(Value::as_array).and_then(|errors| errors.first());
+            let error_code = first_error.and_then(|error| error.get("code")).and_then(id_string).and_then(|code| code.parse().ok());
+            let error_title = first_error
+                .and_then(|error| error.get("title"))
+                .and_then(Value::as_str)
+                .map(|title| title.chars().take(200).collect());
+            let message_id = status
+                .get("biz_opaque_callback_data")
+                .and_then(Value::as_str)
+                .and_then(|data| uuid::Uuid::parse_str(data).ok());
             self.items.push(Item {
                 target: Target::PhoneNumber(phone_number_id.clone()),
                 event_type,
@@ -218,7 +236,7 @@ impl Notification {
                     "display_phone_number": display_phone_number,
                     "status": status,
                 }),
-                status: Some(StatusUpdate { wamid, rank, error_code }),
+                status: Some(StatusUpdate { wamid, rank, error_code, error_title, message_id }),
                 quality: None,
             });
         }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use reach_shared::auth::TokenVerifier;
 use reach_shared::outbox::PublisherSettings;
+use reach_shared::secrets::SecretSealer;
 use reach_shared::settings::{CommonSettings, Env};
 use secrecy::SecretString;
 
@@ -17,12 +18,14 @@ pub const DEFAULT_BODY_LIMIT_BYTES: usize = 4 * 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct IngressSettings {
     pub common: CommonSettings,
-    /// Public listener: `/webhooks/*`.
+    /// Public listener: `/webhooks/*` and the customer API `/v1/*`.
     pub ingress_addr: SocketAddr,
     /// Operator listener: `/platform/*`.
     pub admin_addr: SocketAddr,
-    /// Verifies operator tokens on the operator listener.
+    /// Verifies customer and operator tokens.
     pub tokens: TokenVerifier,
+    /// Seals webhook signing secrets created through the customer API.
+    pub sealer: SecretSealer,
     /// Meta app secrets; a POST is authentic when it verifies against any of them.
     pub meta_app_secrets: Vec<SecretString>,
     /// Token Meta echoes in the GET subscription handshake.
@@ -50,6 +53,7 @@ impl IngressSettings {
             .parse()
             .context("invalid REACH_ADMIN_ADDR: expected host:port")?;
         let tokens = TokenVerifier::from_env(env, common.environment)?;
+        let sealer = SecretSealer::from_env(env, common.environment)?;
         let meta_app_secrets: Vec<SecretString> = env
             .required("REACH_META_APP_SECRETS")?
             .split(',')
@@ -74,6 +78,7 @@ impl IngressSettings {
             ingress_addr,
             admin_addr,
             tokens,
+            sealer,
             meta_app_secrets,
             meta_verify_token,
             body_limit_bytes: env.parse_or("REACH_INGRESS_BODY_LIMIT_BYTES", DEFAULT_BODY_LIMIT_BYTES)?,

@@ -391,6 +391,7 @@ async fn write_batch(tx: &mut Transaction<'_, Postgres>, webhooks: &[VerifiedWeb
     }
 
     advance_message_states(tx, &new_routed).await?;
+    advance_outbound_messages(tx, &new_routed).await?;
     apply_quality_updates(tx, &new_routed).await?;
 
     let messages: Vec<OutboxMessage> = new_routed
@@ -476,6 +477,65 @@ async fn advance_message_states(tx: &mut Transaction<'_, Postgres>, routed: &[&R
     .bind(&ranks)
     .bind(&codes)
     .bind(&phones)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Moves outbound messages forward with their statuses. A status names its message by
+/// the id echoed in `biz_opaque_callback_data` when present, so a status that arrives
+/// before the dispatcher stored the send's wamid still matches, and stores that wamid;
+/// otherwise by wamid. Like [`advance_message_states`], a state never moves backwards.
+async fn advance_outbound_messages(tx: &mut Transaction<'_, Postgres>, routed: &[&RoutedItem<'_>]) -> Result<(), sqlx::Error> {
+    let mut rows: Vec<(Uuid, Option<Uuid>, &str, reach_shared::sends::MessageState, Option<i32>, Option<&str>)> = routed
+        .iter()
+        .filter_map(|r| {
+            let status = r.item.status.as_ref()?;
+            Some((r.event.org_id, status.message_id, status.wamid.as_str(), status.rank.message_state(), status.error_code, status.error_title.as_deref()))
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    // Key order, so concurrent batches lock rows in the same order.
+    rows.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+    let org_ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
+    let message_ids: Vec<Option<Uuid>> = rows.iter().map(|r| r.1).collect();
+    let wamids: Vec<&str> = rows.iter().map(|r| r.2).collect();
+    let states: Vec<&str> = rows.iter().map(|r| r.3.as_str()).collect();
+    let ranks: Vec<i16> = rows.iter().map(|r| r.3.rank()).collect();
+    let codes: Vec<Option<i32>> = rows.iter().map(|r| r.4).collect();
+    let titles: Vec<Option<&str>> = rows.iter().map(|r| r.5).collect();
+    // The highest status per message wins; DISTINCT ON picks it before the update so
+    // one statement never updates a row twice.
+    sqlx::query(
+        "UPDATE outbound_messages AS m SET
+             state = s.state,
+             state_rank = s.rank,
+             wamid = coalesce(m.wamid, s.wamid),
+             error_code = coalesce(s.code, m.error_code),
+             error_title = coalesce(s.title, m.error_title),
+             failure_reason = CASE WHEN s.state = 'failed' THEN 'status_failed' ELSE m.failure_reason END,
+             next_attempt_at = NULL,
+             updated_at = now()
+         FROM (
+             SELECT DISTINCT ON (coalesce(t.message_id, o.id)) coalesce(t.message_id, o.id) AS id, t.org_id, t.wamid, t.state, t.rank, t.code, t.title
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::smallint[], $6::int[], $7::text[])
+                  AS t (org_id, message_id, wamid, state, rank, code, title)
+             LEFT JOIN outbound_messages o ON t.message_id IS NULL AND o.org_id = t.org_id AND o.wamid = t.wamid
+             WHERE coalesce(t.message_id, o.id) IS NOT NULL
+             ORDER BY coalesce(t.message_id, o.id), t.rank DESC
+         ) AS s
+         WHERE m.id = s.id AND m.org_id = s.org_id AND m.state_rank < s.rank
+           AND (m.wamid IS NULL OR m.wamid = s.wamid)",
+    )
+    .bind(&org_ids)
+    .bind(&message_ids)
+    .bind(&wamids)
+    .bind(&states)
+    .bind(&ranks)
+    .bind(&codes)
+    .bind(&titles)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use reach_shared::audit::{self, AuditEvent};
-use reach_shared::parked;
+use reach_shared::{parked, parked_messages};
 use reach_shared::provision::ProvisioningFile;
 use reach_shared::secrets::SecretSealer;
 use reach_shared::settings::{CommonSettings, Env};
@@ -41,6 +41,80 @@ enum Command {
     Parked {
         #[command(subcommand)]
         command: ParkedCommand,
+    },
+    /// List or replay parked outbound messages (failed after their retries ran out).
+    Messages {
+        #[command(subcommand)]
+        command: MessagesCommand,
+    },
+    /// Resume sending for a phone number paused after an account-level error.
+    PhoneNumbers {
+        #[command(subcommand)]
+        command: PhoneNumbersCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum MessagesCommand {
+    /// List parked messages as JSON lines, oldest first.
+    Parked {
+        #[command(flatten)]
+        selection: MessageSelectionArgs,
+        /// Maximum number of messages listed.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Queue parked messages again with a fresh attempt count.
+    Replay {
+        #[command(flatten)]
+        selection: MessageSelectionArgs,
+        /// Reason for the replay, recorded in the audit log. Required.
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        operator: Operator,
+        /// Send shard queues of the deployment (REACH_SEND_SHARDS).
+        #[arg(long, env = "REACH_SEND_SHARDS", default_value_t = 8)]
+        send_shards: u16,
+    },
+}
+
+#[derive(clap::Args)]
+struct MessageSelectionArgs {
+    /// Message id; repeat for several.
+    #[arg(long = "id")]
+    ids: Vec<Uuid>,
+    /// Only messages of this org.
+    #[arg(long = "org")]
+    org_id: Option<Uuid>,
+    /// Only messages from this phone number id.
+    #[arg(long = "phone-number")]
+    phone_number_id: Option<String>,
+    /// Parked at or after this time (RFC 3339).
+    #[arg(long)]
+    since: Option<DateTime<Utc>>,
+    /// Parked before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<DateTime<Utc>>,
+}
+
+impl From<MessageSelectionArgs> for parked_messages::Selection {
+    fn from(args: MessageSelectionArgs) -> Self {
+        Self { ids: args.ids, org_id: args.org_id, phone_number_id: args.phone_number_id, since: args.since, until: args.until }
+    }
+}
+
+#[derive(Subcommand)]
+enum PhoneNumbersCommand {
+    /// End a sending pause now; the number's waiting messages are queued again.
+    Resume {
+        /// The phone number id.
+        phone_number_id: String,
+        /// Reason for resuming, recorded in the audit log. Required.
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        operator: Operator,
     },
 }
 
@@ -154,6 +228,19 @@ async fn main() -> anyhow::Result<()> {
             .await?;
             bar.finish();
             report(&serde_json::to_value(replayed)?);
+        }
+        Command::Messages { command: MessagesCommand::Parked { selection, limit } } => {
+            for message in parked_messages::list(&pool, &selection.into(), limit).await? {
+                report(&serde_json::to_value(message)?);
+            }
+        }
+        Command::Messages { command: MessagesCommand::Replay { selection, reason, operator, send_shards } } => {
+            let replayed = parked_messages::replay(&pool, &selection.into(), &reason, &operator.actor, send_shards).await?;
+            report(&serde_json::json!({"replayed": replayed}));
+        }
+        Command::PhoneNumbers { command: PhoneNumbersCommand::Resume { phone_number_id, reason, operator } } => {
+            let resumed = parked_messages::resume_phone_number(&pool, &phone_number_id, &reason, &operator.actor).await?;
+            report(&serde_json::json!({"phone_number_id": phone_number_id, "resumed": resumed}));
         }
     }
     Ok(())

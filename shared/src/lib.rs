@@ -12,9 +12,11 @@
 //! - [`outbox`]: writing outbox rows inside a business transaction, and the publisher.
 //! - [`health`]: the operators' health figures.
 //! - [`parked`]: listing and replaying parked deliveries.
+//! - [`parked_messages`]: replaying parked outbound messages, resuming paused numbers.
 //! - [`events`]: event types and the callback body customers receive.
 //! - [`signing`]: Meta's `X-Hub-Signature-256` and Standard Webhooks signatures.
 //! - [`provision`]: applying a provisioning file (orgs, numbers, subscriptions).
+//! - [`sends`]: send jobs, shard routing by phone number, outbound message states.
 //! - [`secrets`]: sealing stored secrets (passthrough or AES-256-GCM).
 //! - [`testing`]: a fresh database and unique queue names for integration tests.
 //! - [`shutdown`]: the cancellation token fired by SIGTERM or Ctrl-C.
@@ -29,7 +31,9 @@ pub mod ops;
 pub mod provision;
 pub mod outbox;
 pub mod parked;
+pub mod parked_messages;
 pub mod secrets;
+pub mod sends;
 pub mod settings;
 pub mod shutdown;
 pub mod signing;

@@ -4,6 +4,9 @@
 
 mod harness;
 
+mod api_deliveries;
+mod api_messages;
+mod api_subscriptions;
 mod body_limit;
 mod duplicates;
 mod group_commit;
