@@ -45,13 +45,13 @@ impl Directory {
         Self { pool, sealer, numbers: RwLock::new(HashMap::new()), started: AtomicU64::new(0), completed: AtomicU64::new(0) }
     }
 
-    /// A mark to pass to [`Directory::is_newer_than`] later.
+    /// Returns a mark to pass to [`Directory::is_newer_than`] later.
     pub fn mark(&self) -> u64 {
         self.started.load(Ordering::Acquire)
     }
 
-    /// Whether a refresh that started after `mark` was taken has completed, so the
-    /// directory shows every change committed before the mark.
+    /// Returns whether a refresh that started after `mark` was taken has completed,
+    /// so the directory shows every change committed before the mark.
     pub fn is_newer_than(&self, mark: u64) -> bool {
         self.completed.load(Ordering::Acquire) > mark
     }

@@ -1,8 +1,8 @@
 //! Lanes: one per phone number with work in this process. A lane has two tasks:
 //!
-//! - the claimer records each job's attempt (in batches, through the store) a little
-//!   ahead of its send, so the database round trip never sits between the pacer and
-//!   the Graph API call;
+//! - the claimer records each job's attempt (in batches, through the store) up to half
+//!   a second ahead of its send, so the database round trip never sits between the
+//!   pacer and the Graph API call;
 //! - the sender waits for the number's [`Pacer`], takes a global in-flight slot and
 //!   starts the call, which then records its outcome and acknowledges the job.
 //!
@@ -15,7 +15,7 @@
 //! message again when it is due. The prefetch window thus only holds work that is about
 //! to be sent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::directory::Directory;
 use crate::graph::{ErrorClass, GraphClient, SendResult, classify};
-use crate::pacer::Pacer;
+use crate::pacer::{Pacer, window_cap};
 use crate::settings::DispatcherSettings;
 use crate::store::{Claim, ClaimedMessage, Deferral, Failure, Operation, Pause, Reply, Store};
 
@@ -55,8 +55,8 @@ const THROTTLE_RETRY: Duration = Duration::from_secs(1);
 const LANE_IDLE: Duration = Duration::from_secs(60);
 /// A job for a number the directory does not know yet waits this long.
 const UNKNOWN_NUMBER_RETRY: Duration = Duration::from_secs(5);
-/// Throttling and pair-rate answers park a message only after this many attempts
-/// times `max_attempts`: they say nothing wrong about the message.
+/// Throttling and pair-rate errors park a message only after this many attempts
+/// times `max_attempts`, because they say nothing wrong about the message.
 const RATE_ATTEMPTS_FACTOR: i32 = 5;
 
 /// The lanes of this process.
@@ -86,13 +86,17 @@ struct Lane {
     phone_number_id: String,
     /// Jobs in the lane, from submission to acknowledgement.
     queued: AtomicUsize,
-    /// Throttling answers so far; the sender slows its pacer when this grows.
+    /// Throttling errors so far; the sender slows its pacer when this grows.
     throttled: AtomicU64,
     /// Set by an account-level error, with the directory's mark at that moment, until
     /// a later refresh of the directory shows the pause (or an operator's resume).
     paused_until: Mutex<Option<(DateTime<Utc>, u64)>>,
     /// Recipients held back by Meta's pair rate, until the given instant.
     pair_holds: Mutex<HashMap<String, Instant>>,
+    /// Start times of the calls of the last second, oldest first: the MPS cap applied
+    /// again at the moment a call leaves, after any scheduling delay since the pacer let
+    /// it go, so delays cannot bunch calls into one second.
+    calls: Mutex<VecDeque<Instant>>,
 }
 
 impl Lane {
@@ -116,6 +120,26 @@ impl Lane {
 
     fn done(&self) {
         self.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Waits until a call fits under `cap` calls in the last second, and counts it.
+    async fn admit_call(&self, cap: usize) {
+        loop {
+            let wait = {
+                let mut calls = self.calls.lock().expect("lane locks are never poisoned");
+                let now = Instant::now();
+                while calls.front().is_some_and(|&start| now.duration_since(start) >= Duration::from_secs(1)) {
+                    calls.pop_front();
+                }
+                if calls.len() < cap {
+                    calls.push_back(now);
+                    return;
+                }
+                *calls.front().expect("a full window is not empty") + Duration::from_secs(1) - now
+            };
+            metrics::counter!("reach_dispatcher_call_cap_waits_total").increment(1);
+            tokio::time::sleep(wait).await;
+        }
     }
 }
 
@@ -143,7 +167,7 @@ impl Lanes {
     }
 
     /// Hands a job to its number's lane, or moves it to the database when the lane
-    /// already holds `lane_seconds` of sends.
+    /// already contains `lane_seconds` of sends.
     pub fn submit(&self, work: Work) {
         let shared = &self.shared;
         let Some(info) = shared.directory.get(&work.job.phone_number_id) else {
@@ -161,7 +185,10 @@ impl Lanes {
         let queued = handle.lane.queued.load(Ordering::Acquire);
         if queued >= threshold {
             drop(lanes);
-            let wait = Duration::from_secs_f64(queued as f64 / target_rate.max(0.5));
+            // Back when the lane still has about half its length to send, so it never
+            // runs dry while the job makes its way back through the sweeper.
+            let drain_seconds = queued as f64 / target_rate.max(0.5);
+            let wait = Duration::from_secs_f64((drain_seconds - shared.settings.lane_seconds / 2.0).max(0.5));
             metrics::counter!("reach_dispatcher_lane_overflows_total").increment(1);
             let shared = shared.clone();
             shared.tracker.clone().spawn(async move { shared.defer_unclaimed(work, Utc::now() + wait).await });
@@ -183,9 +210,13 @@ impl Lanes {
             throttled: AtomicU64::new(0),
             paused_until: Mutex::new(None),
             pair_holds: Mutex::new(HashMap::new()),
+            calls: Mutex::new(VecDeque::new()),
         });
-        // About a quarter of a second of sends, claimed ahead of the pacer.
-        let lookahead = ((target_rate * 0.25) as usize).clamp(16, 512);
+        // Half a second of sends, claimed ahead of the pacer in batches of half that, so
+        // the next claim overlaps the sending of the previous batch even when Postgres
+        // is slow. A crash leaves at most this many claims to wait out the uncertain
+        // grace before they are sent.
+        let lookahead = ((target_rate * 0.5) as usize).clamp(16, 2048);
         let (work_sender, work_receiver) = mpsc::unbounded_channel();
         let (ready_sender, ready_receiver) = mpsc::channel(lookahead);
         let shared = self.shared.clone();
@@ -219,7 +250,7 @@ impl Shared {
                 }
             };
             let mut batch = vec![first];
-            while batch.len() < lookahead.min(64) {
+            while batch.len() < (lookahead / 2).clamp(8, 256) {
                 match work.try_recv() {
                     Ok(more) => batch.push(more),
                     Err(_) => break,
@@ -328,7 +359,9 @@ impl Shared {
             let permit = self.in_flight.clone().acquire_owned().await.expect("the in-flight semaphore is never closed");
             let shared = self.clone();
             let send_lane = lane.clone();
+            let cap = window_cap(pacer.mps());
             self.tracker.spawn(async move {
+                send_lane.admit_call(cap).await;
                 shared.send(&send_lane, item, token).await;
                 drop(permit);
             });
@@ -391,7 +424,7 @@ impl Shared {
                 // Meta may have taken the send: wait for a status webhook to reveal
                 // its wamid through biz_opaque_callback_data before sending again.
                 metrics::counter!("reach_dispatcher_sends_total", "outcome" => "uncertain").increment(1);
-                tracing::warn!(message_id = %message.id, reason, "graph API answer lost, waiting for a status before sending again");
+                tracing::warn!(message_id = %message.id, reason, "graph API response lost, waiting for a status webhook before sending again");
                 return Some(retry(now + settings.uncertain_grace, None, Some(truncate(&reason)), true));
             }
             SendResult::Rejected(error) => error,
@@ -457,8 +490,8 @@ impl Shared {
         }
     }
 
-    /// The delay before attempt `attempts + 1` after a transient error: exponential
-    /// from `retry_min_delay`, doubling, capped at `retry_max_delay`, with jitter.
+    /// Computes the delay before attempt `attempts + 1` after a transient error:
+    /// exponential from `retry_min_delay`, doubling, capped at `retry_max_delay`, with jitter.
     fn backoff(&self, attempts: i32) -> Duration {
         let mut delays = backon::ExponentialBuilder::default()
             .with_min_delay(self.settings.retry_min_delay)

@@ -4,7 +4,7 @@
 //! GCRA spaces sends evenly, and its small burst absorbs timer lateness, so the
 //! achieved rate stays at the configured rate. The window cap makes the MPS a hard
 //! limit whatever the burst: at start-up, after a rate change and after idle time
-//! alike, no one-second window ever holds more than the cap. Only the lane's sender
+//! alike, no one-second window ever contains more than the cap. Only the lane's sender
 //! task uses a pacer, so it needs no lock.
 
 use std::collections::VecDeque;
@@ -20,17 +20,17 @@ pub const RATE_FRACTION: f64 = 0.985;
 /// The hard cap per one-second window as a fraction of the MPS, rounded down. The gap
 /// to the MPS absorbs the jitter between leaving this process and reaching Meta.
 pub const WINDOW_CAP_FRACTION: f64 = 0.99;
-/// How much a throttling answer cuts the rate, and how fast it recovers.
-const THROTTLE_FACTOR: f64 = 0.7;
-const RECOVERY_FACTOR: f64 = 1.15;
-const RECOVERY_INTERVAL: Duration = Duration::from_secs(5);
+/// How much a throttling error cuts the rate, and how fast it recovers.
+const THROTTLE_FACTOR: f64 = 0.9;
+const RECOVERY_FACTOR: f64 = 1.05;
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(2);
 const WINDOW: Duration = Duration::from_secs(1);
 
 type Limiter = RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, DefaultClock>;
 
 pub struct Pacer {
     mps: u32,
-    /// 1.0 normally; lowered by throttling answers, recovering over time.
+    /// 1.0 normally; lowered by throttling errors, recovering over time.
     slowdown: f64,
     last_adjusted: Instant,
     limiter: Limiter,
@@ -59,7 +59,7 @@ impl Pacer {
         self.mps
     }
 
-    /// The rate the pacer currently aims at, in sends per second.
+    /// Returns the rate the pacer currently aims at, in sends per second.
     pub fn target_rate(&self) -> f64 {
         f64::from(self.mps) * RATE_FRACTION * self.slowdown
     }
@@ -76,7 +76,7 @@ impl Pacer {
         self.limiter = build_limiter(mps, self.slowdown, &self.clock);
     }
 
-    /// Slows the number after Meta answered that it sends too fast.
+    /// Slows the number after Meta returned a throttling error.
     pub fn throttled(&mut self) {
         self.slowdown = (self.slowdown * THROTTLE_FACTOR).max(0.05);
         self.last_adjusted = Instant::now();
@@ -118,7 +118,7 @@ impl Pacer {
     }
 }
 
-/// The most sends allowed in any one-second window.
+/// Returns the maximum sends allowed in any one-second window.
 pub fn window_cap(mps: u32) -> usize {
     ((f64::from(mps) * WINDOW_CAP_FRACTION).floor() as usize).max(1)
 }
@@ -138,7 +138,7 @@ fn build_limiter(mps: u32, slowdown: f64, clock: &DefaultClock) -> Limiter {
 mod tests {
     use super::*;
 
-    /// The largest count of sends in any window of one second.
+    /// Returns the maximum count of sends in any window of one second.
     fn max_in_any_second(starts: &[Instant]) -> usize {
         let mut max = 0;
         let mut first = 0;
@@ -196,9 +196,17 @@ mod tests {
         let mut pacer = Pacer::new(100);
         let before = pacer.target_rate();
         pacer.throttled();
-        assert!(pacer.target_rate() < before * 0.8);
+        assert!(pacer.target_rate() < before * 0.95);
+        let slowed = pacer.target_rate();
+        pacer.recover(Instant::now());
+        assert_eq!(pacer.target_rate(), slowed, "no recovery before the interval");
         pacer.last_adjusted = Instant::now() - RECOVERY_INTERVAL;
         pacer.recover(Instant::now());
-        assert!(pacer.target_rate() > before * 0.7);
+        assert!(pacer.target_rate() > slowed);
+        for _ in 0..10 {
+            pacer.last_adjusted = Instant::now() - RECOVERY_INTERVAL;
+            pacer.recover(Instant::now());
+        }
+        assert_eq!(pacer.target_rate(), before, "recovery stops at the full rate");
     }
 }

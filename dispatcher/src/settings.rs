@@ -20,8 +20,9 @@ pub struct DispatcherSettings {
     /// Send shard queues; the same count as every publisher's.
     pub send_shards: u16,
     /// Unacknowledged jobs per shard queue. It must cover a number's rate times the
-    /// Graph API latency plus its queue in the lane (about 1,000 at 1,000 MPS and
-    /// 300 ms), and it bounds this process's memory.
+    /// Graph API latency, plus half a second claimed ahead and the time to record
+    /// outcomes (about 1,500 at 1,000 MPS and 300 ms), and it bounds this process's
+    /// memory.
     pub prefetch: u16,
     /// Graph API calls in flight at once, over every number.
     pub max_in_flight: usize,
@@ -72,7 +73,7 @@ impl DispatcherSettings {
             bail!("invalid REACH_META_API_VERSION {api_version:?}: expected a version segment such as v23.0");
         }
         let sealer = SecretSealer::from_env(env, common.environment)?;
-        let lane_seconds: f64 = env.parse_or("REACH_DISPATCHER_LANE_SECONDS", 5.0)?;
+        let lane_seconds: f64 = env.parse_or("REACH_DISPATCHER_LANE_SECONDS", 10.0)?;
         if !(lane_seconds > 0.0) {
             bail!("REACH_DISPATCHER_LANE_SECONDS must be positive");
         }
@@ -82,7 +83,7 @@ impl DispatcherSettings {
             api_version,
             sealer,
             send_shards: env.parse_or("REACH_SEND_SHARDS", 8)?,
-            prefetch: env.parse_or("REACH_DISPATCHER_PREFETCH", 2000)?,
+            prefetch: env.parse_or("REACH_DISPATCHER_PREFETCH", 4000)?,
             max_in_flight: env.parse_or("REACH_DISPATCHER_MAX_IN_FLIGHT", 4000)?,
             request_timeout: env.millis_or("REACH_DISPATCHER_REQUEST_TIMEOUT_MS", 15_000)?,
             lane_seconds,
@@ -95,7 +96,10 @@ impl DispatcherSettings {
             directory_refresh: env.millis_or("REACH_DISPATCHER_DIRECTORY_REFRESH_MS", 2_000)?,
             sweep_interval: env.millis_or("REACH_DISPATCHER_SWEEP_INTERVAL_MS", 500)?,
             run_publisher: env.bool_or("REACH_DISPATCHER_RUN_PUBLISHER", true)?,
-            publisher: PublisherSettings { workers: 1, ..publisher_defaults },
+            publisher: PublisherSettings {
+                workers: env.parse_or("REACH_OUTBOX_PUBLISHERS", publisher_defaults.workers)?,
+                ..publisher_defaults
+            },
             common,
         })
     }

@@ -11,18 +11,17 @@
 //! - pause: pause a phone number after an account-level error, emit `account.updated`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use reach_shared::amqp::Topic;
+use reach_shared::batch::Batcher;
 use reach_shared::db::is_transient;
 use reach_shared::events::{Event, EventType, truncate_to_millis};
 use reach_shared::outbox::{self, OutboxMessage, OutboxWaker};
 use reach_shared::sends::SendJob;
 use serde_json::{Value, json};
 use sqlx::{PgPool, Postgres, Row, Transaction};
-use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 /// A message claimed for one attempt.
@@ -101,7 +100,7 @@ pub enum Reply {
     Paused(DateTime<Utc>),
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, Copy, thiserror::Error)]
 pub enum StoreError {
     #[error("the database is unavailable")]
     Unavailable,
@@ -111,100 +110,75 @@ pub enum StoreError {
     ShuttingDown,
 }
 
-struct Job {
-    operation: Operation,
-    reply: oneshot::Sender<Result<Reply, StoreError>>,
-}
-
-/// Handle to the writer tasks; clone freely.
+/// Handle to the writer tasks; clone freely. Claims have writers of their own, so a
+/// claim never waits behind a large batch of outcomes: the pacer is fed from claims.
 #[derive(Clone)]
 pub struct Store {
-    jobs: mpsc::Sender<Job>,
+    claims: Batcher<Operation, Result<Reply, StoreError>>,
+    outcomes: Batcher<Operation, Result<Reply, StoreError>>,
 }
 
 impl Store {
     pub fn start(pool: PgPool, writers: usize, max_batch: usize, waker: OutboxWaker) -> (Self, tokio::task::JoinSet<()>) {
-        let (jobs, receiver) = mpsc::channel::<Job>(max_batch * writers * 4);
-        let receiver = Arc::new(Mutex::new(receiver));
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..writers.max(1) {
-            let writer = Writer { pool: pool.clone(), receiver: receiver.clone(), max_batch, waker: waker.clone() };
-            tasks.spawn(writer.run());
-        }
-        (Self { jobs }, tasks)
+        let (claims, mut tasks) = start_writers("dispatcher_claims", pool.clone(), (writers / 2).max(1), max_batch, waker.clone());
+        let (outcomes, outcome_tasks) = start_writers("dispatcher_outcomes", pool, writers, max_batch, waker);
+        let mut outcome_tasks = outcome_tasks;
+        // Both sets are awaited by the caller through one JoinSet.
+        tasks.spawn(async move { while outcome_tasks.join_next().await.is_some() {} });
+        (Self { claims, outcomes }, tasks)
     }
 
     pub async fn run(&self, operation: Operation) -> Result<Reply, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.jobs.send(Job { operation, reply }).await.map_err(|_| StoreError::ShuttingDown)?;
-        answer.await.map_err(|_| StoreError::ShuttingDown)?
+        let writers = if matches!(operation, Operation::Claim { .. }) { &self.claims } else { &self.outcomes };
+        writers.submit(operation).await.map_err(|_| StoreError::ShuttingDown)?
     }
 }
 
-struct Writer {
+fn start_writers(
+    name: &'static str,
     pool: PgPool,
-    receiver: Arc<Mutex<mpsc::Receiver<Job>>>,
+    writers: usize,
     max_batch: usize,
     waker: OutboxWaker,
-}
-
-impl Writer {
-    async fn run(self) {
-        loop {
-            let mut batch = Vec::with_capacity(self.max_batch);
-            {
-                let mut receiver = self.receiver.lock().await;
-                match receiver.recv().await {
-                    Some(job) => batch.push(job),
-                    None => return,
-                }
-                while batch.len() < self.max_batch {
-                    match receiver.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
-                }
-            }
-            metrics::histogram!("reach_dispatcher_write_batch_size").record(batch.len() as f64);
-            let (operations, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|job| (job.operation, job.reply)).unzip();
-            match self.write_with_retry(&operations).await {
-                Ok((results, wrote_outbox)) => {
+) -> (Batcher<Operation, Result<Reply, StoreError>>, tokio::task::JoinSet<()>) {
+    Batcher::start(name, writers, max_batch, move |operations: Vec<Operation>| {
+        let pool = pool.clone();
+        let waker = waker.clone();
+        async move {
+            match write_with_retry(&pool, &operations).await {
+                Ok((replies, wrote_outbox)) => {
                     if wrote_outbox {
-                        self.waker.wake();
+                        waker.wake();
                     }
-                    for (reply, result) in replies.into_iter().zip(results) {
-                        let _ = reply.send(Ok(result));
-                    }
+                    replies.into_iter().map(Ok).collect()
                 }
                 Err(error) => {
                     tracing::error!(%error, batch = operations.len(), "failed to write dispatcher outcomes");
-                    let transient = is_transient(&error);
-                    for reply in replies {
-                        let _ = reply.send(Err(if transient { StoreError::Unavailable } else { StoreError::Failed }));
-                    }
+                    let failure = if is_transient(&error) { StoreError::Unavailable } else { StoreError::Failed };
+                    operations.iter().map(|_| Err(failure)).collect()
                 }
             }
         }
-    }
+    })
+}
 
-    async fn write_with_retry(&self, operations: &[Operation]) -> Result<(Vec<Reply>, bool), sqlx::Error> {
-        let mut attempt = 0u64;
-        loop {
-            attempt += 1;
-            let result = async {
-                let mut tx = self.pool.begin().await?;
-                let written = write_batch(&mut tx, operations).await?;
-                tx.commit().await?;
-                Ok::<_, sqlx::Error>(written)
+async fn write_with_retry(pool: &PgPool, operations: &[Operation]) -> Result<(Vec<Reply>, bool), sqlx::Error> {
+    let mut attempt = 0u64;
+    loop {
+        attempt += 1;
+        let result = async {
+            let mut tx = pool.begin().await?;
+            let written = write_batch(&mut tx, operations).await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(written)
+        }
+        .await;
+        match result {
+            Err(error) if is_transient(&error) && attempt < 3 => {
+                tracing::warn!(%error, attempt, "transient database error in the dispatcher, retrying");
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
             }
-            .await;
-            match result {
-                Err(error) if is_transient(&error) && attempt < 3 => {
-                    tracing::warn!(%error, attempt, "transient database error in the dispatcher, retrying");
-                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
-                }
-                other => return other,
-            }
+            other => return other,
         }
     }
 }
@@ -401,8 +375,8 @@ async fn accept(
         let wamid: String = row.get("wamid");
         let new_wamid: String = row.get("new_wamid");
         if wamid != new_wamid {
-            // An earlier attempt whose answer was lost did reach Meta: the recipient
-            // got this message twice.
+            // An earlier attempt whose response was lost did reach Meta, so the
+            // recipient got this message twice.
             metrics::counter!("reach_dispatcher_duplicate_sends_total").increment(1);
             tracing::warn!(message_id = %id, "a message was sent twice: an earlier attempt's wamid arrived by status webhook");
         }

@@ -73,12 +73,15 @@ pub async fn start(settings: IngressSettings, shutdown: CancellationToken) -> an
     ops::probe_database(pool.clone(), readiness.clone(), std::time::Duration::from_secs(2), shutdown.clone());
     let waker = OutboxWaker::default();
     let (store, mut writers) = WebhookStore::start(pool.clone(), settings.store.clone(), waker.clone());
+    let (messages, mut message_writers) =
+        api::messages::start_writer(pool.clone(), waker.clone(), settings.send_shards, settings.store.writers, settings.store.max_batch);
     let api_state = api::ApiState {
         pool: pool.clone(),
         tokens: settings.tokens.clone(),
         sealer: settings.sealer.clone(),
         waker: waker.clone(),
         send_shards: settings.send_shards,
+        messages,
     };
 
     let publisher_task = if settings.run_publisher {
@@ -142,6 +145,7 @@ pub async fn start(settings: IngressSettings, shutdown: CancellationToken) -> an
         // The router, and with it the last store handle, is gone: writers commit what
         // is queued and stop.
         while writers.join_next().await.is_some() {}
+        while message_writers.join_next().await.is_some() {}
         let _ = admin_task.await;
         if let Some(publisher) = publisher_task {
             let _ = publisher.await;

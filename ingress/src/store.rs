@@ -8,17 +8,16 @@
 //! the forward-only message states, quality changes, and the outbox rows.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use reach_shared::amqp::Topic;
+use reach_shared::batch::Batcher;
 use reach_shared::db::is_transient;
 use reach_shared::events::{Event, truncate_to_millis};
 use reach_shared::outbox::{self, OutboxMessage, OutboxWaker};
 use sqlx::{PgPool, Postgres, Row, Transaction};
-use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::meta::{Item, Notification, StatusRank, Target};
@@ -56,7 +55,7 @@ impl Outcome {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, Copy, thiserror::Error)]
 pub enum StoreError {
     /// A transient database failure; Meta retries the webhook.
     #[error("the database is unavailable")]
@@ -76,122 +75,78 @@ pub struct StoreSettings {
     pub max_batch: usize,
 }
 
-struct Job {
-    webhook: VerifiedWebhook,
-    reply: oneshot::Sender<Result<Outcome, StoreError>>,
-}
-
 /// Handle to the writer tasks. Dropping every clone lets the writers finish what is
 /// queued and stop.
 #[derive(Clone)]
 pub struct WebhookStore {
-    jobs: mpsc::Sender<Job>,
+    batcher: Batcher<VerifiedWebhook, Result<Outcome, StoreError>>,
 }
 
 impl WebhookStore {
     pub fn start(pool: PgPool, settings: StoreSettings, waker: OutboxWaker) -> (Self, tokio::task::JoinSet<()>) {
-        let (jobs, receiver) = mpsc::channel::<Job>(settings.max_batch * settings.writers * 4);
-        let receiver = Arc::new(Mutex::new(receiver));
-        let mut writers = tokio::task::JoinSet::new();
-        for _ in 0..settings.writers.max(1) {
-            let writer = Writer { pool: pool.clone(), receiver: receiver.clone(), max_batch: settings.max_batch.max(1), waker: waker.clone() };
-            writers.spawn(writer.run());
-        }
-        (Self { jobs }, writers)
+        let (batcher, writers) = Batcher::start("ingress", settings.writers, settings.max_batch, move |webhooks: Vec<VerifiedWebhook>| {
+            let pool = pool.clone();
+            let waker = waker.clone();
+            async move { write(&pool, &waker, webhooks).await }
+        });
+        (Self { batcher }, writers)
     }
 
     /// Stores the webhook and returns after the commit.
     pub async fn persist(&self, webhook: VerifiedWebhook) -> Result<Outcome, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.jobs.send(Job { webhook, reply }).await.map_err(|_| StoreError::ShuttingDown)?;
-        answer.await.map_err(|_| StoreError::ShuttingDown)?
+        self.batcher.submit(webhook).await.map_err(|_| StoreError::ShuttingDown)?
     }
 }
 
-struct Writer {
-    pool: PgPool,
-    receiver: Arc<Mutex<mpsc::Receiver<Job>>>,
-    max_batch: usize,
-    waker: OutboxWaker,
+/// Writes one batch in one transaction; returns each webhook's outcome.
+async fn write(pool: &PgPool, waker: &OutboxWaker, webhooks: Vec<VerifiedWebhook>) -> Vec<Result<Outcome, StoreError>> {
+    metrics::histogram!("reach_ingress_commit_batch_size").record(webhooks.len() as f64);
+    match write_with_retry(pool, waker, &webhooks).await {
+        Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+        Err(error) if webhooks.len() > 1 && !is_transient(&error) => {
+            // One bad webhook must not fail its neighbours: write each alone.
+            tracing::warn!(error = %error, batch = webhooks.len(), "batch write failed, writing webhooks one by one");
+            let mut results = Vec::with_capacity(webhooks.len());
+            for webhook in &webhooks {
+                let single = std::slice::from_ref(webhook);
+                results.push(write_with_retry(pool, waker, single).await.map(|mut o| o.remove(0)).map_err(|error| {
+                    tracing::error!(%error, "failed to store a webhook");
+                    classify(&error)
+                }));
+            }
+            results
+        }
+        Err(error) => {
+            tracing::error!(error = %error, batch = webhooks.len(), "failed to store webhooks");
+            let answer = if is_transient(&error) { StoreError::Unavailable } else { StoreError::Failed };
+            webhooks.iter().map(|_| Err(answer)).collect()
+        }
+    }
 }
 
-impl Writer {
-    async fn run(self) {
-        loop {
-            let mut batch = Vec::with_capacity(self.max_batch);
-            {
-                let mut receiver = self.receiver.lock().await;
-                match receiver.recv().await {
-                    Some(job) => batch.push(job),
-                    None => return,
-                }
-                while batch.len() < self.max_batch {
-                    match receiver.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
-                }
-            }
-            metrics::histogram!("reach_ingress_commit_batch_size").record(batch.len() as f64);
-            self.write(batch).await;
+async fn write_with_retry(pool: &PgPool, waker: &OutboxWaker, webhooks: &[VerifiedWebhook]) -> Result<Vec<Outcome>, sqlx::Error> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = async {
+            let mut tx = pool.begin().await?;
+            let (outcomes, wrote_outbox) = write_batch(&mut tx, webhooks).await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>((outcomes, wrote_outbox))
         }
-    }
-
-    async fn write(&self, batch: Vec<Job>) {
-        let (webhooks, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|job| (job.webhook, job.reply)).unzip();
-        match self.write_with_retry(&webhooks).await {
-            Ok(outcomes) => {
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
+        .await;
+        match result {
+            Ok((outcomes, wrote_outbox)) => {
+                if wrote_outbox {
+                    waker.wake();
                 }
+                return Ok(outcomes);
             }
-            Err(error) if webhooks.len() > 1 && !is_transient(&error) => {
-                // One bad webhook must not fail its neighbours: write each alone.
-                tracing::warn!(error = %error, batch = webhooks.len(), "batch write failed, writing webhooks one by one");
-                for (webhook, reply) in webhooks.into_iter().zip(replies) {
-                    let single = std::slice::from_ref(&webhook);
-                    let result = self.write_with_retry(single).await.map(|mut o| o.remove(0)).map_err(|error| {
-                        tracing::error!(%error, "failed to store a webhook");
-                        classify(&error)
-                    });
-                    let _ = reply.send(result);
-                }
+            Err(error) if is_transient(&error) && attempt < 3 => {
+                tracing::warn!(%error, attempt, "transient database error while storing webhooks, retrying");
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
             }
-            Err(error) => {
-                tracing::error!(error = %error, batch = webhooks.len(), "failed to store webhooks");
-                let transient = is_transient(&error);
-                for reply in replies {
-                    let answer = if transient { StoreError::Unavailable } else { StoreError::Failed };
-                    let _ = reply.send(Err(answer));
-                }
-            }
-        }
-    }
-
-    async fn write_with_retry(&self, webhooks: &[VerifiedWebhook]) -> Result<Vec<Outcome>, sqlx::Error> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let result = async {
-                let mut tx = self.pool.begin().await?;
-                let (outcomes, wrote_outbox) = write_batch(&mut tx, webhooks).await?;
-                tx.commit().await?;
-                Ok::<_, sqlx::Error>((outcomes, wrote_outbox))
-            }
-            .await;
-            match result {
-                Ok((outcomes, wrote_outbox)) => {
-                    if wrote_outbox {
-                        self.waker.wake();
-                    }
-                    return Ok(outcomes);
-                }
-                Err(error) if is_transient(&error) && attempt < 3 => {
-                    tracing::warn!(%error, attempt, "transient database error while storing webhooks, retrying");
-                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
-                }
-                Err(error) => return Err(error),
-            }
+            Err(error) => return Err(error),
         }
     }
 }

@@ -14,8 +14,9 @@ use secrecy::SecretString;
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::expect::{EventFilter, EventKey, Expectations, Tally};
+use crate::expect::{EventFilter, EventKey, Expectations, Receipt, Tally};
 use crate::fixtures;
+use crate::outbound::{self, OutboundReport, OutboundSettings, SendingNumber};
 use crate::provisioning::{DemoSetup, write_demo_file};
 use crate::stats::Percentiles;
 use crate::subscriber::{RejectionCounts, Subscriber};
@@ -36,6 +37,9 @@ pub struct DemoSettings {
     /// How long to keep listening after the last expected callback, to count late
     /// duplicates.
     pub settle: Duration,
+    /// Messages to send through the customer API after the inbound traffic; none when
+    /// absent.
+    pub outbound: Option<OutboundSettings>,
 }
 
 /// The demo's result; serialised as the last line of stdout.
@@ -60,6 +64,9 @@ pub struct DemoReport {
     pub signature_failures: u64,
     /// From a webhook's POST to the first callback of each of its events.
     pub latency_ms: Percentiles,
+    /// Messages sent through the API, per phone number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbound: Option<OutboundReport>,
     pub elapsed_seconds: f64,
 }
 
@@ -67,7 +74,8 @@ impl DemoReport {
     /// True when every webhook was accepted, every expected callback arrived and
     /// every callback verified.
     pub fn passed(&self) -> bool {
-        self.rejected == 0 && self.lost == 0 && self.signature_failures == 0
+        let outbound_ok = self.outbound.as_ref().is_none_or(|o| o.rejected_requests == 0 && o.failed == 0 && o.reached_read == o.messages as i64);
+        self.rejected == 0 && self.lost == 0 && self.signature_failures == 0 && outbound_ok
     }
 }
 
@@ -129,7 +137,23 @@ pub async fn run(settings: DemoSettings) -> anyhow::Result<DemoReport> {
         expectations.callback_count(&filters)
     );
 
-    let tally = wait_for_callbacks(&subscriber, &expectations, &filters, settings.timeout, settings.settle).await;
+    wait_for_callbacks(&subscriber, &expectations, &filters, settings.timeout).await;
+
+    let mut outbound_expectations = Expectations::default();
+    let outbound = match &settings.outbound {
+        Some(outbound) => Some(run_outbound(outbound, &pool, &setup, &subscriber, &filters, &mut outbound_expectations, settings.timeout).await?),
+        None => None,
+    };
+    tokio::time::sleep(settings.settle).await;
+
+    // Each part is tallied against its own receipts, so neither counts the other's
+    // callbacks as unexpected.
+    let (outbound_receipts, inbound_receipts): (Vec<Receipt>, Vec<Receipt>) = subscriber
+        .receipts()
+        .into_iter()
+        .partition(|receipt| outbound_expectations.contains(&receipt.key) || matches!(receipt.key, EventKey::Outbound { .. }));
+    let tally = expectations.tally(&filters, &inbound_receipts);
+    let outbound_tally = outbound_expectations.tally(&filters, &outbound_receipts);
     let rejections = subscriber.rejections();
     subscriber.stop().await;
 
@@ -140,19 +164,57 @@ pub async fn run(settings: DemoSettings) -> anyhow::Result<DemoReport> {
         webhooks: responses.posted,
         accepted: responses.accepted,
         rejected: responses.rejected,
-        events: expectations.event_count(),
-        expected_callbacks: tally.expected_callbacks,
-        delivered: tally.delivered,
+        events: expectations.event_count() + outbound_expectations.event_count(),
+        expected_callbacks: tally.expected_callbacks + outbound_tally.expected_callbacks,
+        delivered: tally.delivered + outbound_tally.delivered,
         parked: database.parked,
-        lost: tally.lost,
-        duplicates: tally.duplicates,
-        unexpected: tally.unexpected,
+        lost: tally.lost + outbound_tally.lost,
+        duplicates: tally.duplicates + outbound_tally.duplicates,
+        unexpected: tally.unexpected + outbound_tally.unexpected,
         signature_failures: rejections.signature_failures(),
         latency_ms: Percentiles::of(&tally.latencies),
+        outbound,
         elapsed_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
     };
     print_summary(&report, &responses, &tally, &rejections, &database, &setup);
+    if let Some(outbound) = &report.outbound {
+        eprintln!(
+            "outbound callbacks: {} expected, {} delivered, {} lost, {} duplicates, {} unexpected",
+            outbound_tally.expected_callbacks, outbound_tally.delivered, outbound_tally.lost, outbound_tally.duplicates, outbound_tally.unexpected
+        );
+        outbound::print_summary(outbound);
+    }
+    eprintln!("result: {}", if report.passed() { "PASS" } else { "FAIL" });
     Ok(report)
+}
+
+/// Sends each number's share of messages through the API and waits until they are
+/// read and their callbacks arrived.
+async fn run_outbound(
+    settings: &OutboundSettings,
+    pool: &PgPool,
+    setup: &DemoSetup,
+    subscriber: &Subscriber,
+    filters: &[EventFilter],
+    expectations: &mut Expectations,
+    timeout: Duration,
+) -> anyhow::Result<OutboundReport> {
+    let numbers: Vec<SendingNumber> = setup
+        .file
+        .orgs
+        .iter()
+        .flat_map(|org| &org.wabas)
+        .flat_map(|waba| &waba.phone_numbers)
+        .map(|number| SendingNumber { phone_number_id: number.phone_number_id.clone(), mps: number.mps.max(1) as u32 })
+        .collect();
+    let planned: Vec<String> = numbers.iter().map(|n| format!("{} at {} MPS", n.phone_number_id, n.mps)).collect();
+    eprintln!("sending {:.0} s of messages from each number through the API: {}", settings.seconds, planned.join(", "));
+    let (posted, rejected, api_rate) = outbound::post_messages(settings, setup.org_id, &numbers, expectations).await?;
+    eprintln!("posted {} messages ({rejected} refused) at {api_rate:.0} requests/s; waiting for the sends", posted.len());
+    outbound::wait_for_wamids(pool, &posted, expectations, settings.timeout).await?;
+    outbound::wait_for_read(pool, &posted, settings.timeout).await?;
+    wait_for_callbacks(subscriber, expectations, filters, timeout).await;
+    outbound::report(settings, pool, &numbers, &posted, rejected, api_rate).await
 }
 
 /// Reads the provisioning file, or writes and applies a new one when there is none.
@@ -170,15 +232,8 @@ async fn prepare_provisioning(settings: &DemoSettings, pool: &PgPool) -> anyhow:
     Ok(setup)
 }
 
-/// Polls the subscriber until every expected callback arrived or `timeout` passed,
-/// then listens `settle` longer and returns the final tally.
-async fn wait_for_callbacks(
-    subscriber: &Subscriber,
-    expectations: &Expectations,
-    filters: &[EventFilter],
-    timeout: Duration,
-    settle: Duration,
-) -> Tally {
+/// Polls the subscriber until every expected callback arrived or `timeout` passed.
+async fn wait_for_callbacks(subscriber: &Subscriber, expectations: &Expectations, filters: &[EventFilter], timeout: Duration) {
     let waiting_since = Instant::now();
     let mut last_report = Instant::now();
     loop {
@@ -196,8 +251,6 @@ async fn wait_for_callbacks(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    tokio::time::sleep(settle).await;
-    expectations.tally(filters, &subscriber.receipts())
 }
 
 /// Prints a progress line to stderr every 5 seconds while sending.
@@ -291,8 +344,7 @@ fn print_summary(
 
     let deliveries: Vec<String> = database.deliveries.iter().map(|(status, count)| format!("{status} {count}")).collect();
     eprintln!("deliveries in the database: {}", if deliveries.is_empty() { "none".to_owned() } else { deliveries.join(", ") });
-    eprintln!("end-to-end ms (POST to first callback, per event): {}", format_percentiles(&report.latency_ms));
-    eprintln!("result: {}", if report.passed() { "PASS" } else { "FAIL" });
+    eprintln!("end-to-end ms (webhook POST to first callback, per inbound event): {}", format_percentiles(&report.latency_ms));
 }
 
 pub fn format_percentiles(p: &Percentiles) -> String {

@@ -18,6 +18,10 @@ pub enum EventKey {
     /// `message.sent`, `delivered`, `read` or `failed`, matched on `data.status.id` and
     /// the type.
     Status { wamid: String, event_type: EventType },
+    /// An event the dispatcher emits about a message sent through the API
+    /// (`message.accepted`, or `message.failed` before Meta took it), matched on
+    /// `data.message_id` and the type.
+    Outbound { message_id: String, event_type: EventType },
     /// Any other type, matched on the type alone. Only the fixtures produce these, one
     /// of each type.
     Other { event_type: EventType },
@@ -27,7 +31,7 @@ impl EventKey {
     pub fn event_type(&self) -> EventType {
         match self {
             EventKey::Received { .. } => EventType::MessageReceived,
-            EventKey::Status { event_type, .. } | EventKey::Other { event_type } => *event_type,
+            EventKey::Status { event_type, .. } | EventKey::Outbound { event_type, .. } | EventKey::Other { event_type } => *event_type,
         }
     }
 
@@ -47,6 +51,10 @@ impl EventKey {
     /// callback lacks its wamid.
     pub fn from_callback(event: &Event) -> Option<Self> {
         let wamid_at = |object: &str| event.data.get(object).and_then(|o| o.get("id")).and_then(Value::as_str).map(str::to_owned);
+        let message_id = event.data.get("message_id").and_then(Value::as_str).map(str::to_owned);
+        if let (Some(message_id), None) = (message_id, event.data.get("status")) {
+            return Some(EventKey::Outbound { message_id, event_type: event.event_type });
+        }
         match event.event_type {
             EventType::MessageReceived => wamid_at("message").map(|wamid| EventKey::Received { wamid }),
             EventType::MessageSent | EventType::MessageDelivered | EventType::MessageRead | EventType::MessageFailed => {
@@ -99,6 +107,10 @@ impl Expectations {
     /// keeps its first instant.
     pub fn add(&mut self, key: EventKey, sent_at: Instant) {
         self.events.entry(key).or_insert(sent_at);
+    }
+
+    pub fn contains(&self, key: &EventKey) -> bool {
+        self.events.contains_key(key)
     }
 
     pub fn event_count(&self) -> usize {

@@ -494,7 +494,7 @@ mod tests {
                 match &event {
                     EventKey::Received { wamid } => assert!(inbound.insert(wamid.clone()), "{wamid} repeated"),
                     EventKey::Status { .. } => assert!(statuses.insert(event.clone()), "{event:?} repeated"),
-                    EventKey::Other { .. } => panic!("the generator writes no other events"),
+                    EventKey::Other { .. } | EventKey::Outbound { .. } => panic!("the generator writes no other events"),
                 }
             }
         }

@@ -12,11 +12,13 @@
 //! - [`bench`]: the end-to-end and relay-drain drivers of `scripts/bench`.
 
 mod bench;
+mod bench_sends;
 mod demo;
 mod expect;
 mod fixtures;
 mod generator;
 mod meta_body;
+mod outbound;
 mod provisioning;
 mod send;
 mod stats;
@@ -70,6 +72,50 @@ enum Command {
     /// callbacks arrived, and print a JSON line with the first and last arrival and the
     /// rate. Start the relay on a backlog after the subscriber returns 200 on GET /livez.
     Subscribe(SubscribeArgs),
+    /// Send benchmark: write its provisioning file, seed messages, or measure what the
+    /// simulator saw.
+    #[command(subcommand)]
+    BenchSends(BenchSendsCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchSendsCommand {
+    /// Write the provisioning file: one number at --big-mps and --small-numbers at
+    /// --small-mps, in one org without subscriptions.
+    Provision {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        big_mps: u32,
+        #[arg(long, default_value_t = 100)]
+        small_numbers: usize,
+        #[arg(long, default_value_t = 80)]
+        small_mps: u32,
+    },
+    /// Insert --seconds of messages for every number of the benchmark org at its MPS,
+    /// with their send jobs in the outbox. Prints the count.
+    Seed {
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        #[arg(long, default_value_t = 20.0, value_parser = parse_seconds)]
+        seconds: f64,
+        /// Send shard queues (REACH_SEND_SHARDS of the fleet).
+        #[arg(long, env = "REACH_SEND_SHARDS", default_value_t = 8)]
+        send_shards: u16,
+        /// Messages per number instead of MPS × --seconds.
+        #[arg(long)]
+        per_number: Option<u64>,
+    },
+    /// Wait until the simulator accepted --messages sends, then print the figures.
+    Measure {
+        #[arg(long)]
+        sim_url: Url,
+        #[arg(long)]
+        messages: u64,
+        /// Seconds to wait at most.
+        #[arg(long, default_value_t = 300)]
+        timeout_seconds: u64,
+    },
 }
 
 #[derive(Args)]
@@ -159,6 +205,26 @@ struct DemoArgs {
     /// duplicates.
     #[arg(long, env = "REACH_LOADGEN_SETTLE_SECONDS", default_value_t = 2)]
     settle_seconds: u64,
+    #[command(flatten)]
+    outbound: OutboundArgs,
+}
+
+#[derive(Args)]
+struct OutboundArgs {
+    /// Base URL of reach-meta-sim. When set, the demo also sends messages through the
+    /// customer API after the inbound traffic and reports each number's rate as the
+    /// simulator saw it.
+    #[arg(long, env = "REACH_LOADGEN_SIM_URL")]
+    sim_url: Option<Url>,
+    /// Each phone number sends its MPS times this many seconds of messages.
+    #[arg(long, env = "REACH_LOADGEN_OUTBOUND_SECONDS", default_value_t = 5.0, value_parser = parse_seconds)]
+    outbound_seconds: f64,
+    /// API requests in flight at most while posting messages.
+    #[arg(long, env = "REACH_LOADGEN_OUTBOUND_CONCURRENCY", default_value_t = 64)]
+    outbound_concurrency: usize,
+    /// HS256 key the customer tokens are signed with; the ingress's REACH_HUB_JWT_SECRET.
+    #[arg(long, env = "REACH_HUB_JWT_SECRET", default_value = "", hide_env_values = true, hide_default_value = true)]
+    jwt_secret: String,
 }
 
 #[derive(Args)]
@@ -254,6 +320,14 @@ async fn main() -> anyhow::Result<ExitCode> {
             eprintln!("wrote {}; apply it with: reachctl provision --file {}", args.file.display(), args.file.display());
         }
         Command::Demo(args) => {
+            let outbound = args.outbound.sim_url.map(|sim_url| outbound::OutboundSettings {
+                ingress_url: args.traffic.ingress_url.clone(),
+                sim_url,
+                jwt_secret: args.outbound.jwt_secret.into(),
+                seconds: args.outbound.outbound_seconds,
+                concurrency: args.outbound.outbound_concurrency,
+                timeout: Duration::from_secs(args.timeout_seconds),
+            });
             let settings = demo::DemoSettings {
                 traffic: args.traffic.settings(),
                 provisioning_file: args.provisioning_file,
@@ -263,12 +337,13 @@ async fn main() -> anyhow::Result<ExitCode> {
                 fixtures_dir: args.fixtures_dir,
                 timeout: Duration::from_secs(args.timeout_seconds),
                 settle: Duration::from_secs(args.settle_seconds),
+                outbound,
             };
             let report = demo::run(settings).await?;
             print_result_line(&report)?;
             if !report.passed() {
                 eprintln!(
-                    "demo failed: {} rejected webhooks, {} lost callbacks, {} signature failures",
+                    "demo failed: {} rejected webhooks, {} lost callbacks, {} signature failures, or outbound messages refused, failed or unread",
                     report.rejected, report.lost, report.signature_failures
                 );
                 return Ok(ExitCode::FAILURE);
@@ -296,6 +371,18 @@ async fn main() -> anyhow::Result<ExitCode> {
                 warmup: args.warmup_seconds.map(Duration::from_secs_f64),
             };
             let report = bench::end_to_end(settings).await?;
+            print_result_line(&report)?;
+        }
+        Command::BenchSends(BenchSendsCommand::Provision { file, big_mps, small_numbers, small_mps }) => {
+            bench_sends::write_provisioning(&file, big_mps, small_numbers, small_mps)?;
+        }
+        Command::BenchSends(BenchSendsCommand::Seed { database_url, seconds, send_shards, per_number }) => {
+            let pool = reach_shared::db::connect(&database_url.into(), 2).await?;
+            let count = bench_sends::seed(&pool, seconds, per_number, send_shards).await?;
+            print_result_line(&serde_json::json!({"seeded": count}))?;
+        }
+        Command::BenchSends(BenchSendsCommand::Measure { sim_url, messages, timeout_seconds }) => {
+            let report = bench_sends::measure(&sim_url, messages, Duration::from_secs(timeout_seconds)).await?;
             print_result_line(&report)?;
         }
         Command::Subscribe(args) => {

@@ -36,16 +36,19 @@ pub const MESSAGE_EVENTS: [&str; 3] = ["message.received", "message.delivered", 
 /// because it contains them.
 pub fn write_demo_file(path: &Path, subscriber_addr: SocketAddr) -> anyhow::Result<()> {
     ensure!(subscriber_addr.ip().is_loopback(), "the subscriber address {subscriber_addr} is not a loopback address");
+    // The first number has the default 80 MPS; the second had Meta's throughput
+    // upgrade to 1,000.
     let wabas: Vec<_> = demo_numbers()
         .into_iter()
-        .map(|number| {
+        .zip([80, 1000])
+        .map(|(number, mps)| {
             json!({
                 "waba_id": number.waba_id,
                 "access_token": format!("demo-token-{}", hex::encode(rand::rng().random::<[u8; 16]>())),
                 "phone_numbers": [{
                     "phone_number_id": number.phone_number_id,
                     "display_phone_number": number.display_phone_number,
-                    "mps": 80,
+                    "mps": mps,
                     "quality_rating": "GREEN",
                 }],
             })

@@ -57,6 +57,10 @@ pub struct NumberStats {
     pub mean_rate: Option<f64>,
     pub first_accepted_at: Option<DateTime<Utc>>,
     pub last_accepted_at: Option<DateTime<Utc>>,
+    /// Accepted sends in each whole second since the first accepted send (the first
+    /// hour at most); the last entry is the second in progress.
+    #[serde(default)]
+    pub accepted_per_second: Vec<u64>,
 }
 
 /// Process-wide counters, shared by the send handler and the status poster.

@@ -17,6 +17,10 @@ const WINDOW: Duration = Duration::from_secs(1);
 /// whenever it has doubled since the last sweep.
 const MIN_PAIR_SWEEP_LEN: usize = 4_096;
 
+/// Per-second counts are kept for at most this many seconds after the first accepted
+/// send; later sends still count everywhere else.
+const MAX_SECONDS_TRACKED: usize = 3_600;
+
 /// Maximum initial window capacity, so a benchmark's `--mps-override` of millions grows
 /// the window only as far as its traffic needs.
 const MAX_INITIAL_WINDOW_CAPACITY: usize = 1_024;
@@ -69,6 +73,8 @@ struct Counters {
     peak_one_second: u64,
     first_accepted: Option<(Instant, DateTime<Utc>)>,
     last_accepted: Option<(Instant, DateTime<Utc>)>,
+    /// Accepted sends in each whole second since the first accepted send.
+    per_second: Vec<u64>,
 }
 
 impl NumberState {
@@ -120,8 +126,15 @@ impl NumberState {
         if failed_status {
             counters.injected_failed_statuses += 1;
         }
-        counters.first_accepted.get_or_insert((now, wall));
+        let (first, _) = *counters.first_accepted.get_or_insert((now, wall));
         counters.last_accepted = Some((now, wall));
+        let second = now.duration_since(first).as_secs() as usize;
+        if second < MAX_SECONDS_TRACKED {
+            if counters.per_second.len() <= second {
+                counters.per_second.resize(second + 1, 0);
+            }
+            counters.per_second[second] += 1;
+        }
         let in_window = traffic.window.len() as u64;
         traffic.counters.peak_one_second = traffic.counters.peak_one_second.max(in_window);
         Admission::Accepted
@@ -166,6 +179,7 @@ impl NumberState {
             mean_rate,
             first_accepted_at: counters.first_accepted.map(|(_, wall)| wall),
             last_accepted_at: counters.last_accepted.map(|(_, wall)| wall),
+            accepted_per_second: counters.per_second.clone(),
         }
     }
 

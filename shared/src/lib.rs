@@ -7,6 +7,7 @@
 //! - [`telemetry`], [`ops`]: JSON logs, the Prometheus recorder, `/metrics`, `/livez`, `/readyz`.
 //! - [`audit`]: the append-only operator audit log.
 //! - [`auth`]: verifying the identity provider's JWTs.
+//! - [`batch`]: group commit, many callers' jobs handled in one transaction.
 //! - [`db`]: pool and embedded migrations.
 //! - [`amqp`]: connection and the one place where exchanges and queues are declared.
 //! - [`outbox`]: writing outbox rows inside a business transaction, and the publisher.
@@ -24,6 +25,7 @@
 pub mod amqp;
 pub mod audit;
 pub mod auth;
+pub mod batch;
 pub mod db;
 pub mod events;
 pub mod health;

@@ -6,17 +6,22 @@
 //! returns the first message's id and queues nothing; the same key with a different
 //! body is rejected with 422 `idempotency_key_reused`.
 
+use std::collections::{HashMap, HashSet};
+
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use reach_shared::batch::Batcher;
+use reach_shared::db::is_transient;
+use reach_shared::outbox::OutboxWaker;
 use reach_shared::sends::{self, MessageState, SendJob};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use sqlx::Row;
+use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::{ApiError, ApiJson, ApiState, OrgCaller};
@@ -186,7 +191,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_owned()))
 }
 
-/// `POST /v1/messages`: answers 202 with the message id.
+/// `POST /v1/messages`: responds 202 with the message id.
 #[tracing::instrument(skip_all, fields(org_id = %caller.org_id))]
 async fn create_message(State(state): State<ApiState>, caller: OrgCaller, headers: HeaderMap, ApiJson(request): ApiJson<SendRequest>) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
@@ -195,70 +200,196 @@ async fn create_message(State(state): State<ApiState>, caller: OrgCaller, header
     let request_bytes = serde_json::to_vec(&send.graph_request).expect("a JSON value always serialises");
     let request_sha256 = Sha256::digest(&request_bytes).to_vec();
 
-    let mut tx = state.pool.begin().await.map_err(|e| ApiError::database(e, "begin"))?;
-    let owner: Option<Uuid> = sqlx::query_scalar("SELECT org_id FROM phone_numbers WHERE phone_number_id = $1")
-        .bind(&request.phone_number_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| ApiError::database(e, "phone number lookup"))?;
-    match owner {
-        None => {
+    let message = NewMessage {
+        id: Uuid::now_v7(),
+        org_id: caller.org_id,
+        phone_number_id: request.phone_number_id.clone(),
+        recipient: send.recipient,
+        message_type: send.message_type,
+        graph_request: send.graph_request,
+        idempotency_key: key,
+        request_sha256,
+    };
+    let created = state.messages.submit(message).await.map_err(|_| ApiError::Unavailable)??;
+    let (id, replayed) = match created {
+        Created::New(id) => (id, false),
+        Created::Existing(id) => (id, true),
+        Created::KeyReused => {
+            return Err(invalid("idempotency_key_reused", "this Idempotency-Key was used for a different request; use a new key for a new message"));
+        }
+        Created::UnknownNumber => {
             return Err(invalid("unknown_phone_number", format!("phone number {} is not provisioned", request.phone_number_id)));
         }
-        Some(org_id) if org_id != caller.org_id => {
-            return Err(ApiError::Forbidden("this phone number belongs to another org"));
+        Created::OtherOrg => return Err(ApiError::Forbidden("this phone number belongs to another org")),
+    };
+    let outcome = if replayed { "idempotent_replay" } else { "queued" };
+    metrics::counter!("reach_api_messages_total", "outcome" => outcome).increment(1);
+    if !replayed {
+        tracing::info!(message_id = %id, phone_number_id = %request.phone_number_id, "message queued");
+    }
+    let mut response = (StatusCode::ACCEPTED, Json(json!({"id": id, "state": "queued"}))).into_response();
+    if replayed {
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// A validated message on its way to the database.
+pub struct NewMessage {
+    id: Uuid,
+    org_id: Uuid,
+    phone_number_id: String,
+    recipient: String,
+    message_type: &'static str,
+    graph_request: Value,
+    idempotency_key: Option<String>,
+    request_sha256: Vec<u8>,
+}
+
+/// The result of storing a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    New(Uuid),
+    /// The idempotency key named an earlier message with the same request.
+    Existing(Uuid),
+    /// The idempotency key named an earlier message with another request.
+    KeyReused,
+    UnknownNumber,
+    OtherOrg,
+}
+
+/// Group-committed writer of new messages and their send jobs.
+pub type MessageWriter = Batcher<NewMessage, Result<Created, ApiError>>;
+
+/// Starts the writers that store messages, many requests per transaction.
+pub fn start_writer(pool: PgPool, waker: OutboxWaker, shards: u16, writers: usize, max_batch: usize) -> (MessageWriter, tokio::task::JoinSet<()>) {
+    Batcher::start("api_messages", writers, max_batch, move |messages: Vec<NewMessage>| {
+        let pool = pool.clone();
+        let waker = waker.clone();
+        async move {
+            let mut attempt = 0u64;
+            loop {
+                attempt += 1;
+                match store_batch(&pool, &messages, shards).await {
+                    Ok(created) => {
+                        if created.iter().any(|c| matches!(c, Created::New(_))) {
+                            waker.wake();
+                        }
+                        return created.into_iter().map(Ok).collect();
+                    }
+                    Err(error) if is_transient(&error) && attempt < 3 => {
+                        tracing::warn!(%error, attempt, "transient database error while storing messages, retrying");
+                        tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
+                    }
+                    Err(error) => {
+                        let transient = is_transient(&error);
+                        tracing::error!(%error, batch = messages.len(), "failed to store messages");
+                        return messages.iter().map(|_| Err(if transient { ApiError::Unavailable } else { ApiError::Internal })).collect();
+                    }
+                }
+            }
         }
-        Some(_) => {}
+    })
+}
+
+/// Stores a batch of messages and their send jobs in one transaction.
+async fn store_batch(pool: &PgPool, messages: &[NewMessage], shards: u16) -> Result<Vec<Created>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let numbers: Vec<&str> = messages.iter().map(|m| m.phone_number_id.as_str()).collect();
+    let owners: HashMap<String, Uuid> = sqlx::query("SELECT phone_number_id, org_id FROM phone_numbers WHERE phone_number_id = ANY($1)")
+        .bind(&numbers)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|row| (row.get("phone_number_id"), row.get("org_id")))
+        .collect();
+
+    let mut results: Vec<Option<Created>> = messages
+        .iter()
+        .map(|m| match owners.get(&m.phone_number_id) {
+            None => Some(Created::UnknownNumber),
+            Some(owner) if *owner != m.org_id => Some(Created::OtherOrg),
+            Some(_) => None,
+        })
+        .collect();
+    let valid: Vec<&NewMessage> = messages.iter().zip(&results).filter(|(_, r)| r.is_none()).map(|(m, _)| m).collect();
+    if valid.is_empty() {
+        tx.commit().await?;
+        return Ok(results.into_iter().map(|r| r.expect("every result is set")).collect());
     }
 
-    let id = Uuid::now_v7();
-    let inserted: Option<Uuid> = sqlx::query_scalar(
+    let ids: Vec<Uuid> = valid.iter().map(|m| m.id).collect();
+    let org_ids: Vec<Uuid> = valid.iter().map(|m| m.org_id).collect();
+    let phones: Vec<&str> = valid.iter().map(|m| m.phone_number_id.as_str()).collect();
+    let recipients: Vec<&str> = valid.iter().map(|m| m.recipient.as_str()).collect();
+    let types: Vec<&str> = valid.iter().map(|m| m.message_type).collect();
+    let requests: Vec<String> = valid.iter().map(|m| m.graph_request.to_string()).collect();
+    let keys: Vec<Option<&str>> = valid.iter().map(|m| m.idempotency_key.as_deref()).collect();
+    let hashes: Vec<&[u8]> = valid.iter().map(|m| m.request_sha256.as_slice()).collect();
+    // A key repeated within the batch inserts once; the repeat finds the first below.
+    let inserted: HashSet<Uuid> = sqlx::query(
         "INSERT INTO outbound_messages (id, org_id, phone_number_id, recipient, type, request, idempotency_key, request_sha256)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         SELECT id, org_id, phone_number_id, recipient, type, request::jsonb, idempotency_key, request_sha256
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bytea[])
+              AS t (id, org_id, phone_number_id, recipient, type, request, idempotency_key, request_sha256)
          ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING id",
     )
-    .bind(id)
-    .bind(caller.org_id)
-    .bind(&request.phone_number_id)
-    .bind(&send.recipient)
-    .bind(send.message_type)
-    .bind(&send.graph_request)
-    .bind(&key)
-    .bind(&request_sha256)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(|e| ApiError::database(e, "insert message"))?;
+    .bind(&ids)
+    .bind(&org_ids)
+    .bind(&phones)
+    .bind(&recipients)
+    .bind(&types)
+    .bind(&requests)
+    .bind(&keys)
+    .bind(&hashes)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|row| row.get("id"))
+    .collect();
 
-    let Some(id) = inserted else {
-        // The key was used before: the first request's message answers this one.
-        let row = sqlx::query("SELECT id, request_sha256 FROM outbound_messages WHERE org_id = $1 AND idempotency_key = $2")
-            .bind(caller.org_id)
-            .bind(&key)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| ApiError::database(e, "idempotency lookup"))?;
-        let stored_sha256: Vec<u8> = row.get("request_sha256");
-        if stored_sha256 != request_sha256 {
-            return Err(invalid("idempotency_key_reused", "this Idempotency-Key was used for a different request; use a new key for a new message"));
+    let conflicted: Vec<&NewMessage> = valid.iter().copied().filter(|m| !inserted.contains(&m.id)).collect();
+    let mut earlier: HashMap<(Uuid, String), (Uuid, Vec<u8>)> = HashMap::new();
+    if !conflicted.is_empty() {
+        let org_ids: Vec<Uuid> = conflicted.iter().map(|m| m.org_id).collect();
+        let keys: Vec<&str> = conflicted.iter().filter_map(|m| m.idempotency_key.as_deref()).collect();
+        let rows = sqlx::query(
+            "SELECT m.org_id, m.idempotency_key, m.id, m.request_sha256
+             FROM outbound_messages m JOIN UNNEST($1::uuid[], $2::text[]) AS k (org_id, idempotency_key)
+               ON m.org_id = k.org_id AND m.idempotency_key = k.idempotency_key",
+        )
+        .bind(&org_ids)
+        .bind(&keys)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in rows {
+            earlier.insert((row.get("org_id"), row.get("idempotency_key")), (row.get("id"), row.get("request_sha256")));
         }
-        let id: Uuid = row.get("id");
-        metrics::counter!("reach_api_messages_total", "outcome" => "idempotent_replay").increment(1);
-        let mut response = (StatusCode::ACCEPTED, Json(json!({"id": id, "state": "queued"}))).into_response();
-        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
-        return Ok(response);
-    };
+    }
 
-    let job = SendJob { message_id: id, org_id: caller.org_id, phone_number_id: request.phone_number_id.clone(), seq: 1 };
-    sends::enqueue_jobs(&mut tx, std::slice::from_ref(&job), state.send_shards)
-        .await
-        .map_err(|e| ApiError::database(e, "enqueue send"))?;
-    tx.commit().await.map_err(|e| ApiError::database(e, "commit"))?;
-    state.waker.wake();
-
-    metrics::counter!("reach_api_messages_total", "outcome" => "queued").increment(1);
-    tracing::info!(message_id = %id, phone_number_id = %request.phone_number_id, "message queued");
-    Ok((StatusCode::ACCEPTED, Json(json!({"id": id, "state": "queued"}))).into_response())
+    let mut jobs = Vec::new();
+    for (message, result) in messages.iter().zip(results.iter_mut()) {
+        if result.is_some() {
+            continue;
+        }
+        if inserted.contains(&message.id) {
+            jobs.push(SendJob { message_id: message.id, org_id: message.org_id, phone_number_id: message.phone_number_id.clone(), seq: 1 });
+            *result = Some(Created::New(message.id));
+            continue;
+        }
+        let key = message.idempotency_key.clone().expect("only a message with a key can conflict");
+        *result = Some(match earlier.get(&(message.org_id, key)) {
+            Some((id, sha256)) if *sha256 == message.request_sha256 => Created::Existing(*id),
+            Some(_) => Created::KeyReused,
+            // Not expected: the insert waits for a concurrent transaction holding the
+            // key to end. Without the earlier request to compare, refuse the reuse.
+            None => Created::KeyReused,
+        });
+    }
+    sends::enqueue_jobs(&mut tx, &jobs, shards).await?;
+    tx.commit().await?;
+    Ok(results.into_iter().map(|r| r.expect("every result is set")).collect())
 }
 
 /// `GET /v1/messages/{id}`: the message's state, within the caller's org only.

@@ -1,6 +1,6 @@
 //! The customer API on the public listener: `/v1/*`, authenticated by the identity
 //! provider's JWT with an `org_id` claim. Every query a handler runs is scoped to that
-//! org, and a row of another org is answered exactly like a missing one (404).
+//! org, and a row of another org gets the same 404 as a missing one.
 //!
 //! Errors are JSON `{"error": {"code", "message"}}` with a stable `code` a client can
 //! branch on and a message that says what to fix.
@@ -32,7 +32,7 @@ use uuid::Uuid;
 /// smaller.
 pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
 
-/// What every customer API handler can reach.
+/// State shared by every customer API handler.
 #[derive(Clone)]
 pub struct ApiState {
     pub pool: PgPool,
@@ -43,6 +43,8 @@ pub struct ApiState {
     pub waker: OutboxWaker,
     /// Send shard queues; a message is routed to one by its phone number.
     pub send_shards: u16,
+    /// Stores new messages, group-committed.
+    pub messages: messages::MessageWriter,
 }
 
 pub fn router(state: ApiState) -> Router {

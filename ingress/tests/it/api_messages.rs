@@ -145,6 +145,16 @@ async fn idempotency_key_returns_first_message() {
     assert_eq!(status, StatusCode::ACCEPTED);
     assert_ne!(theirs["id"], first["id"]);
 
+    // Concurrent retries with one key, likely in one group-committed batch.
+    let auth = bearer(org);
+    let concurrent = futures::future::join_all((0..12).map(|_| send(&ingress, Some(&auth), Some("order-43"), &body))).await;
+    let ids: std::collections::HashSet<String> = concurrent.iter().map(|(status, body)| {
+        assert_eq!(*status, StatusCode::ACCEPTED);
+        body["id"].as_str().unwrap().to_owned()
+    }).collect();
+    assert_eq!(ids.len(), 1, "concurrent requests with one key get one message");
+    assert_eq!(ingress.count("SELECT count(*) FROM outbound_messages WHERE idempotency_key = 'order-43'").await, 1);
+
     let (status, error) = send(&ingress, Some(&bearer(org)), Some(&"k".repeat(256)), &body).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error["error"]["code"], "invalid_idempotency_key");
