@@ -316,12 +316,21 @@ impl Shared {
         let mut pacer = Pacer::new(initial_mps);
         let mut throttles_seen = 0;
         loop {
-            let item = tokio::select! {
-                _ = self.shutdown.cancelled() => break,
-                item = ready.recv() => match item {
-                    Some(item) => item,
-                    None => break,
-                },
+            let item = match ready.try_recv() {
+                Ok(item) => item,
+                Err(_) => {
+                    // Nothing claimed yet: time spent here is rate the lane could not use.
+                    let starved = Instant::now();
+                    let item = tokio::select! {
+                        _ = self.shutdown.cancelled() => break,
+                        item = ready.recv() => match item {
+                            Some(item) => item,
+                            None => break,
+                        },
+                    };
+                    metrics::histogram!("reach_dispatcher_claim_wait_seconds").record(starved.elapsed().as_secs_f64());
+                    item
+                }
             };
             let info = self.directory.get(&lane.phone_number_id);
             if let Some(info) = &info {

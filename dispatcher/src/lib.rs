@@ -148,6 +148,10 @@ fn describe_metrics() {
     metrics::describe_counter!("reach_dispatcher_duplicate_sends_total", "Messages Meta took twice because an attempt's answer was lost and no status revealed it in time");
     metrics::describe_counter!("reach_dispatcher_consumer_restarts_total", "Send consumer reconnects after a broker failure");
     metrics::describe_gauge!("reach_dispatcher_lanes", "Phone number lanes running in this process");
+    metrics::describe_histogram!(
+        "reach_dispatcher_claim_wait_seconds",
+        "Time a lane's sender waited for a claimed job: idle numbers, or claims not keeping up"
+    );
     metrics::describe_gauge!("reach_phone_numbers", "Phone numbers by quality rating, read by the dispatcher's directory");
     metrics::describe_gauge!("reach_phone_numbers_paused", "Phone numbers whose sending is paused after an account-level error");
 }

@@ -146,11 +146,14 @@ fn start_writers(
         let waker = waker.clone();
         async move {
             match write_with_retry(&pool, &operations).await {
-                Ok((replies, wrote_outbox)) => {
-                    if wrote_outbox {
+                Ok(written) => {
+                    if written.wrote_outbox {
                         waker.wake();
                     }
-                    replies.into_iter().map(Ok).collect()
+                    if written.duplicates > 0 {
+                        metrics::counter!("reach_dispatcher_duplicate_sends_total").increment(written.duplicates);
+                    }
+                    written.replies.into_iter().map(Ok).collect()
                 }
                 Err(error) => {
                     tracing::error!(%error, batch = operations.len(), "failed to write dispatcher outcomes");
@@ -162,7 +165,7 @@ fn start_writers(
     })
 }
 
-async fn write_with_retry(pool: &PgPool, operations: &[Operation]) -> Result<(Vec<Reply>, bool), sqlx::Error> {
+async fn write_with_retry(pool: &PgPool, operations: &[Operation]) -> Result<Written, sqlx::Error> {
     let mut attempt = 0u64;
     loop {
         attempt += 1;
@@ -184,19 +187,28 @@ async fn write_with_retry(pool: &PgPool, operations: &[Operation]) -> Result<(Ve
 }
 
 /// Applies one batch: claims first, then deferrals, accepts, failures and pauses.
-async fn write_batch(tx: &mut Transaction<'_, Postgres>, operations: &[Operation]) -> Result<(Vec<Reply>, bool), sqlx::Error> {
+async fn write_batch(tx: &mut Transaction<'_, Postgres>, operations: &[Operation]) -> Result<Written, sqlx::Error> {
     let mut replies: Vec<Option<Reply>> = vec![None; operations.len()];
     let mut events: Vec<(Event, String, Option<String>)> = Vec::new();
+    let mut duplicates = 0;
 
     claim(tx, operations, &mut replies).await?;
     pause(tx, operations, &mut replies, &mut events).await?;
     defer(tx, operations, &mut replies).await?;
-    accept(tx, operations, &mut replies, &mut events).await?;
+    accept(tx, operations, &mut replies, &mut events, &mut duplicates).await?;
     fail(tx, operations, &mut replies, &mut events).await?;
 
     let wrote_outbox = insert_events(tx, &events).await?;
     let replies = replies.into_iter().map(|reply| reply.unwrap_or(Reply::Done(false))).collect();
-    Ok((replies, wrote_outbox))
+    Ok(Written { replies, wrote_outbox, duplicates })
+}
+
+/// What one committed batch wrote.
+struct Written {
+    replies: Vec<Reply>,
+    wrote_outbox: bool,
+    /// Messages found sent twice.
+    duplicates: u64,
 }
 
 async fn claim(tx: &mut Transaction<'_, Postgres>, operations: &[Operation], replies: &mut [Option<Reply>]) -> Result<(), sqlx::Error> {
@@ -335,6 +347,7 @@ async fn accept(
     operations: &[Operation],
     replies: &mut [Option<Reply>],
     events: &mut Vec<(Event, String, Option<String>)>,
+    duplicates: &mut u64,
 ) -> Result<(), sqlx::Error> {
     let accepts: Vec<(usize, &ClaimedMessage, &str)> = operations
         .iter()
@@ -376,8 +389,8 @@ async fn accept(
         let new_wamid: String = row.get("new_wamid");
         if wamid != new_wamid {
             // An earlier attempt whose response was lost did reach Meta, so the
-            // recipient got this message twice.
-            metrics::counter!("reach_dispatcher_duplicate_sends_total").increment(1);
+            // recipient got this message twice. Counted once the batch commits.
+            *duplicates += 1;
             tracing::warn!(message_id = %id, "a message was sent twice: an earlier attempt's wamid arrived by status webhook");
         }
         stored.insert(id, wamid);

@@ -167,6 +167,8 @@ fn describe_metrics() {
     metrics::describe_counter!("reach_ingress_events_total", "New events stored from accepted webhooks");
     metrics::describe_counter!("reach_ingress_unroutable_items_total", "Items of accepted webhooks naming an unknown phone number or WABA");
     metrics::describe_histogram!("reach_ingress_commit_batch_size", "Webhooks written per storage transaction");
+    metrics::describe_counter!("reach_api_messages_total", "POST /v1/messages answered 202, by outcome: queued, idempotent_replay");
+    metrics::describe_counter!("reach_api_errors_total", "Error responses of the customer API /v1, by error code");
     metrics::describe_counter!("reach_platform_requests_total", "Audited requests on the operator listener, by action and HTTP status");
     metrics::describe_counter!("reach_platform_audit_failures_total", "Operator requests answered 503 because their audit row could not be written");
 }

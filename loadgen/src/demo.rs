@@ -210,7 +210,7 @@ async fn run_outbound(
     let planned: Vec<String> = numbers.iter().map(|n| format!("{} at {} MPS", n.phone_number_id, n.mps)).collect();
     eprintln!("sending {:.0} s of messages from each number through the API: {}", settings.seconds, planned.join(", "));
     let (posted, rejected, api_rate) = outbound::post_messages(settings, setup.org_id, &numbers, expectations).await?;
-    eprintln!("posted {} messages ({rejected} refused) at {api_rate:.0} requests/s; waiting for the sends", posted.len());
+    eprintln!("posted {} messages ({rejected} rejected) at {api_rate:.0} requests/s; waiting for the sends", posted.len());
     outbound::wait_for_wamids(pool, &posted, expectations, settings.timeout).await?;
     outbound::wait_for_read(pool, &posted, settings.timeout).await?;
     wait_for_callbacks(subscriber, expectations, filters, timeout).await;

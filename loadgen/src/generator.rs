@@ -21,7 +21,7 @@ use crate::meta_body::{
     ButtonReply, Change, Contact, Content, Context, Conversation, Entry, ErrorData, InboundMessage, Interactive, ListReply,
     Media, MessagesValue, Metadata, Notification, Origin, Pricing, Profile, Status, StatusError, Text,
 };
-use crate::wire::to_meta_json;
+use reach_shared::meta_wire::to_meta_json;
 
 /// A business phone number the traffic is addressed to.
 #[derive(Debug, Clone, PartialEq, Eq)]

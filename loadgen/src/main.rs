@@ -3,7 +3,7 @@
 //!
 //! Layout:
 //! - [`provisioning`]: the demo org and subscriptions, written to and read from a file.
-//! - [`generator`], [`meta_body`], [`wire`]: realistic webhook bodies in Meta's byte form.
+//! - [`generator`], [`meta_body`]: realistic webhook bodies in Meta's byte form (`reach_shared::meta_wire`).
 //! - [`fixtures`]: the Meta fixtures and the events a body should produce.
 //! - [`traffic`]: signed posts with bounded concurrency and an optional rate.
 //! - [`subscriber`]: the verifying Standard Webhooks subscriber.
@@ -24,7 +24,6 @@ mod send;
 mod stats;
 mod subscriber;
 mod traffic;
-mod wire;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

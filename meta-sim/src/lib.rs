@@ -15,7 +15,7 @@
 //! - [`statuses`], [`webhook`]: scheduling, batching and posting status webhooks.
 //! - [`admin`]: `/sim/rules`, `/sim/stats`, `/sim/reset`, `/livez`.
 //! - [`stats`]: the `/sim/stats` body, also for clients to deserialise.
-//! - [`ids`], [`wire`]: wamids and conversation ids, and JSON in Meta's byte form.
+//! - [`ids`]: wamids and conversation ids (JSON in Meta's byte form is `reach_shared::meta_wire`).
 
 pub mod admin;
 pub mod ids;
@@ -28,7 +28,6 @@ pub mod stats;
 pub mod statuses;
 pub mod traffic;
 pub mod webhook;
-pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

@@ -27,7 +27,7 @@ use crate::request::MessageKind;
 use crate::settings::{SimNumber, SimSettings, WebhookTarget};
 use crate::stats::GlobalCounters;
 use crate::webhook::Poster;
-use crate::wire::to_meta_json;
+use reach_shared::meta_wire::to_meta_json;
 
 /// Most statuses Meta puts in one webhook body, as the simulator batches them.
 pub const MAX_STATUSES_PER_BODY: usize = 50;

@@ -15,6 +15,7 @@
 //! - [`parked`]: listing and replaying parked deliveries.
 //! - [`parked_messages`]: replaying parked outbound messages, resuming paused numbers.
 //! - [`events`]: event types and the callback body customers receive.
+//! - [`meta_wire`]: JSON in the byte form of Meta's webhooks, for simulators and load.
 //! - [`signing`]: Meta's `X-Hub-Signature-256` and Standard Webhooks signatures.
 //! - [`provision`]: applying a provisioning file (orgs, numbers, subscriptions).
 //! - [`sends`]: send jobs, shard routing by phone number, outbound message states.
@@ -29,6 +30,7 @@ pub mod batch;
 pub mod db;
 pub mod events;
 pub mod health;
+pub mod meta_wire;
 pub mod ops;
 pub mod provision;
 pub mod outbox;

@@ -1,5 +1,5 @@
-//! The per-number limit as Meta sees it: the simulator counts accepted sends in every
-//! sliding one-second window and answers 130429 over the number's MPS.
+//! The per-number limit at the Graph API: the simulator counts accepted sends in every
+//! sliding one-second window and returns 130429 over the number's MPS.
 
 use std::time::Duration;
 
@@ -10,8 +10,8 @@ async fn numbers_never_exceed_mps() {
     let numbers = vec![number("120000000000001", 20), number("120000000000002", 50), number("120000000000003", 50)];
     // The pacer's own unit tests check the limit strictly at send time. Here the sends
     // cross a debug-build test process that also runs the ingress and the simulator on
-    // two cores, whose scheduling can bunch arrivals by tens of milliseconds; the
-    // simulator therefore allows two sends per second above the provisioned MPS.
+    // two cores, and its scheduling can bunch arrivals by tens of milliseconds. So the
+    // simulator allows two sends per second above the provisioned MPS.
     const ARRIVAL_JITTER_SENDS: u32 = 2;
     let fleet = Fleet::start(Options { numbers: numbers.clone(), latency_ms: (20, 60), sim_mps_extra: ARRIVAL_JITTER_SENDS, ..Options::default() }).await;
     // Three seconds of work per number, queued at once: the first second is the test.

@@ -51,11 +51,13 @@ impl Formatter for MetaFormatter {
 mod tests {
     use std::path::PathBuf;
 
-    use reach_shared::signing::meta_signature;
     use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
     use super::*;
-    use crate::fixtures::TEST_APP_SECRET;
+    use crate::signing::meta_signature;
+
+    /// The app secret the fixtures under `fixtures/meta` are signed with.
+    const TEST_APP_SECRET: &str = "test_app_secret_0123456789abcdef";
 
     #[test]
     fn escapes_non_ascii_and_slash() {
