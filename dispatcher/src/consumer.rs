@@ -110,7 +110,7 @@ impl Consumer {
     async fn handle(&self, delivery: lapin::message::Delivery) {
         metrics::counter!("reach_dispatcher_jobs_received_total").increment(1);
         match serde_json::from_slice::<SendJob>(&delivery.data) {
-            Ok(job) => self.lanes.submit(Work { job, acker: delivery.acker }),
+            Ok(job) => self.lanes.submit(Work { job, acker: delivery.acker, redelivered: delivery.redelivered }),
             Err(error) => {
                 tracing::error!(%error, bytes = delivery.data.len(), "dead-lettering a message that is not a send job");
                 metrics::counter!("reach_dispatcher_jobs_total", "outcome" => "dead_lettered").increment(1);

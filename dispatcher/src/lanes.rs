@@ -41,6 +41,8 @@ use crate::store::{Claim, ClaimedMessage, Deferral, Failure, Operation, Pause, R
 pub struct Work {
     pub job: SendJob,
     pub acker: Acker,
+    /// The broker delivered the job before, to this or another dispatcher.
+    pub redelivered: bool,
 }
 
 /// A claimed job, ready for the pacer.
@@ -181,7 +183,10 @@ impl Lanes {
         let threshold = ((target_rate * shared.settings.lane_seconds) as usize).max(50);
 
         let mut lanes = shared.lanes.lock().expect("lane locks are never poisoned");
-        let handle = lanes.entry(work.job.phone_number_id.clone()).or_insert_with(|| self.spawn_lane(&work.job.phone_number_id, target_rate));
+        let takeover = work.redelivered;
+        let handle = lanes
+            .entry(work.job.phone_number_id.clone())
+            .or_insert_with(|| self.spawn_lane(&work.job.phone_number_id, target_rate, takeover));
         let queued = handle.lane.queued.load(Ordering::Acquire);
         if queued >= threshold {
             drop(lanes);
@@ -203,7 +208,10 @@ impl Lanes {
         }
     }
 
-    fn spawn_lane(&self, phone_number_id: &str, target_rate: f64) -> LaneHandle {
+    /// Starts a number's lane. `takeover` says its first job was delivered before, so
+    /// another dispatcher (or an earlier lane here) may have sent for the number within
+    /// the last second.
+    fn spawn_lane(&self, phone_number_id: &str, target_rate: f64, takeover: bool) -> LaneHandle {
         let lane = Arc::new(Lane {
             phone_number_id: phone_number_id.to_owned(),
             queued: AtomicUsize::new(0),
@@ -222,7 +230,7 @@ impl Lanes {
         let shared = self.shared.clone();
         let claimer_lane = lane.clone();
         shared.tracker.spawn(shared.clone().run_claimer(claimer_lane, work_receiver, ready_sender, lookahead));
-        shared.tracker.spawn(shared.clone().run_sender(lane.clone(), ready_receiver));
+        shared.tracker.spawn(shared.clone().run_sender(lane.clone(), ready_receiver, takeover));
         metrics::gauge!("reach_dispatcher_lanes").increment(1.0);
         tracing::debug!(phone_number_id = %phone_number_id, lookahead, "lane started");
         LaneHandle { work: work_sender, lane }
@@ -257,9 +265,12 @@ impl Shared {
                 }
             }
 
-            if let Some(until) = lane.paused_until(&self.directory) {
+            if lane.paused_until(&self.directory).is_some() {
+                // Due at once in the database, where the sweeper keeps it while the
+                // number is paused and queues it the moment the pause ends or an
+                // operator resumes the number.
                 for item in batch {
-                    self.defer_unclaimed(item, until).await;
+                    self.defer_unclaimed(item, Utc::now()).await;
                     lane.done();
                 }
                 continue;
@@ -311,7 +322,15 @@ impl Shared {
         metrics::gauge!("reach_dispatcher_lanes").decrement(1.0);
     }
 
-    async fn run_sender(self: Arc<Self>, lane: Arc<Lane>, mut ready: mpsc::Receiver<Ready>) {
+    async fn run_sender(self: Arc<Self>, lane: Arc<Lane>, mut ready: mpsc::Receiver<Ready>, takeover: bool) {
+        if takeover {
+            // The previous owner's sends of the last second are unknown here; waiting
+            // one window keeps the number under its MPS across the handover.
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
         let initial_mps = self.directory.get(&lane.phone_number_id).map_or(1, |info| info.mps);
         let mut pacer = Pacer::new(initial_mps);
         let mut throttles_seen = 0;
@@ -344,8 +363,8 @@ impl Shared {
                 throttles_seen = throttles;
                 pacer.throttled();
             }
-            if let Some(until) = lane.paused_until(&self.directory) {
-                self.release(item.work, until).await;
+            if lane.paused_until(&self.directory).is_some() {
+                self.release(item.work, Utc::now()).await;
                 lane.done();
                 continue;
             }
@@ -492,8 +511,9 @@ impl Shared {
                 };
                 *lane.paused_until.lock().expect("lane locks are never poisoned") = Some((until, self.directory.mark()));
                 tracing::warn!(phone_number_id = %message.phone_number_id, code, %until, "account-level error: sending paused for this phone number");
-                // Not the message's fault: the attempt is taken back.
-                Some(Operation::Defer(Deferral { job: job.clone(), until, error_code: Some(code), error_title: Some(error.title), uncertain: false, undo_claim: true }))
+                // Not the message's fault: the attempt is taken back. The message is due
+                // at once; the sweeper holds it while the number is paused.
+                Some(Operation::Defer(Deferral { job: job.clone(), until: now, error_code: Some(code), error_title: Some(error.title), uncertain: false, undo_claim: true }))
             }
             ErrorClass::Permanent => None,
         }

@@ -314,8 +314,11 @@ async fn defer(tx: &mut Transaction<'_, Postgres>, operations: &[Operation], rep
     let uncertain: Vec<bool> = deferrals.iter().map(|(_, d)| d.uncertain).collect();
     let undo: Vec<bool> = deferrals.iter().map(|(_, d)| d.undo_claim).collect();
     let rows = sqlx::query(
+        // A message can already be waiting when a dispatcher that lost its shard
+        // releases its claim (the new owner saw the claim and chose to wait): the
+        // earlier time wins, so the release is not lost.
         "UPDATE outbound_messages AS m SET
-             next_attempt_at = d.until,
+             next_attempt_at = least(coalesce(m.next_attempt_at, d.until), d.until),
              attempt_started_at = CASE WHEN d.uncertain THEN m.attempt_started_at ELSE NULL END,
              attempt_count = CASE WHEN d.undo THEN greatest(m.attempt_count - 1, 0) ELSE m.attempt_count END,
              error_code = coalesce(d.code, m.error_code),
@@ -323,7 +326,7 @@ async fn defer(tx: &mut Transaction<'_, Postgres>, operations: &[Operation], rep
              updated_at = now()
          FROM (SELECT DISTINCT ON (id) * FROM UNNEST($1::uuid[], $2::int[], $3::timestamptz[], $4::int[], $5::text[], $6::bool[], $7::bool[])
                AS t (id, seq, until, code, title, uncertain, undo) ORDER BY id) AS d
-         WHERE m.id = d.id AND m.dispatch_seq = d.seq AND m.state = 'queued' AND m.wamid IS NULL AND m.next_attempt_at IS NULL
+         WHERE m.id = d.id AND m.dispatch_seq = d.seq AND m.state = 'queued' AND m.wamid IS NULL
          RETURNING m.id",
     )
     .bind(&ids)

@@ -67,3 +67,32 @@ async fn rate_changes_at_run_time() {
     assert!(stats.phone_numbers[phone].peak_one_second <= 80, "peak {}", stats.phone_numbers[phone].peak_one_second);
     fleet.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handover_keeps_number_under_mps() {
+    let phone = "130000000000002";
+    const ARRIVAL_JITTER_SENDS: u32 = 2;
+    let mut fleet = Fleet::start(Options { numbers: vec![number(phone, 50)], sim_mps_extra: ARRIVAL_JITTER_SENDS, ..Options::default() }).await;
+    // A second dispatcher subscribes after the first: it stands by on every shard.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let settings = reach_dispatcher::DispatcherSettings::from_env(&reach_shared::settings::Env::from_pairs(fleet.dispatcher_env())).unwrap();
+    let standby_shutdown = tokio_util::sync::CancellationToken::new();
+    let standby = reach_dispatcher::start(settings, standby_shutdown.clone()).await.unwrap();
+
+    fleet.queue_many(phone, 200, 15_550_700_000).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before: i64 = fleet.count("SELECT count(*) FROM outbound_messages WHERE state_rank >= 1").await;
+    assert!(before > 20, "the first dispatcher was sending: {before}");
+    fleet.stop_dispatcher().await;
+
+    fleet.wait_for_count("SELECT count(*) FROM outbound_messages WHERE state_rank >= 1", 200).await;
+    let stats = fleet.sim_stats().await;
+    let seen = &stats.phone_numbers[phone];
+    assert_eq!(seen.accepted, 200, "every message once, across the handover");
+    assert_eq!(seen.rejected_rate_limit, 0, "130429 answers across the handover");
+    assert!(seen.peak_one_second <= u64::from(50 + ARRIVAL_JITTER_SENDS), "peak {}", seen.peak_one_second);
+
+    standby_shutdown.cancel();
+    standby.wait().await;
+    fleet.finish().await;
+}
