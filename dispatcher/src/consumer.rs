@@ -20,6 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::lanes::{Lanes, Work};
 
+/// How long shutdown waits for the broker to confirm a cancel or a close.
+pub const BROKER_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub struct Consumer {
     pub amqp_url: SecretString,
     pub topology: Topology,
@@ -102,7 +105,10 @@ impl Consumer {
         }
         // Stop taking work; jobs in the lanes finish on this connection.
         for (channel, consumer) in channels.iter().zip(consumers.iter()) {
-            let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions { nowait: false }).await;
+            let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions { nowait: false });
+            if tokio::time::timeout(BROKER_REPLY_TIMEOUT, cancel).await.is_err() {
+                tracing::warn!(timeout_ms = BROKER_REPLY_TIMEOUT.as_millis() as u64, "the broker did not confirm a consumer cancel in time");
+            }
         }
         Ok(connection)
     }

@@ -115,7 +115,10 @@ pub async fn start(settings: DispatcherSettings, shutdown: CancellationToken) ->
         lanes_shutdown.cancel();
         lanes.wait().await;
         if let Some(connection) = connection {
-            let _ = connection.close(200, "shutdown".into()).await;
+            let close = connection.close(200, "shutdown".into());
+            if tokio::time::timeout(consumer::BROKER_REPLY_TIMEOUT, close).await.is_err() {
+                tracing::warn!("the broker did not confirm the connection close in time");
+            }
         }
         drop(lanes);
         drop(store);

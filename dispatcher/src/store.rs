@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use reach_shared::amqp::Topic;
 use reach_shared::batch::Batcher;
 use reach_shared::db::is_transient;
-use reach_shared::events::{Event, EventType, truncate_to_millis};
+use reach_shared::events::{self, Event, EventType, StoredEvent, truncate_to_millis};
 use reach_shared::outbox::{self, OutboxMessage, OutboxWaker};
 use reach_shared::sends::SendJob;
 use serde_json::{Value, json};
@@ -536,31 +536,11 @@ async fn insert_events(tx: &mut Transaction<'_, Postgres>, events: &[(Event, Str
     if events.is_empty() {
         return Ok(false);
     }
-    let ids: Vec<Uuid> = events.iter().map(|(e, _, _)| e.id).collect();
-    let org_ids: Vec<Uuid> = events.iter().map(|(e, _, _)| e.org_id).collect();
-    let types: Vec<&str> = events.iter().map(|(e, _, _)| e.event_type.as_str()).collect();
-    let keys: Vec<&str> = events.iter().map(|(_, key, _)| key.as_str()).collect();
-    let phones: Vec<Option<&str>> = events.iter().map(|(_, _, phone)| phone.as_deref()).collect();
-    let data: Vec<String> = events.iter().map(|(e, _, _)| e.data.to_string()).collect();
-    let created: Vec<DateTime<Utc>> = events.iter().map(|(e, _, _)| e.created_at).collect();
-    let rows = sqlx::query(
-        "INSERT INTO events (id, org_id, type, dedup_key, phone_number_id, data, created_at)
-         SELECT id, org_id, type, dedup_key, phone_number_id, data::jsonb, created_at
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
-              AS t (id, org_id, type, dedup_key, phone_number_id, data, created_at)
-         ON CONFLICT (org_id, dedup_key) DO NOTHING
-         RETURNING id",
-    )
-    .bind(&ids)
-    .bind(&org_ids)
-    .bind(&types)
-    .bind(&keys)
-    .bind(&phones)
-    .bind(&data)
-    .bind(&created)
-    .fetch_all(&mut **tx)
-    .await?;
-    let new: HashSet<Uuid> = rows.iter().map(|row| row.get("id")).collect();
+    let stored: Vec<StoredEvent> = events
+        .iter()
+        .map(|(event, key, phone)| StoredEvent { event, dedup_key: key, phone_number_id: phone.as_deref(), inbound_webhook_id: None })
+        .collect();
+    let new = events::insert(tx, &stored).await?;
     let messages: Vec<OutboxMessage> = events
         .iter()
         .filter(|(event, _, _)| new.contains(&event.id))

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use reach_shared::amqp::Topic;
 use reach_shared::batch::Batcher;
 use reach_shared::db::is_transient;
-use reach_shared::events::{Event, truncate_to_millis};
+use reach_shared::events::{self, Event, StoredEvent, truncate_to_millis};
 use reach_shared::outbox::{self, OutboxMessage, OutboxWaker};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
@@ -364,33 +364,16 @@ async fn write_batch(tx: &mut Transaction<'_, Postgres>, webhooks: &[VerifiedWeb
 }
 
 async fn insert_events(tx: &mut Transaction<'_, Postgres>, routed: &[RoutedItem<'_>], raw_ids: &[Option<i64>]) -> Result<HashSet<Uuid>, sqlx::Error> {
-    let ids: Vec<Uuid> = routed.iter().map(|r| r.event.id).collect();
-    let org_ids: Vec<Uuid> = routed.iter().map(|r| r.event.org_id).collect();
-    let types: Vec<&str> = routed.iter().map(|r| r.event.event_type.as_str()).collect();
-    let keys: Vec<&str> = routed.iter().map(|r| r.item.dedup_key.as_str()).collect();
-    let phone_ids: Vec<Option<&str>> = routed.iter().map(|r| r.phone_number_id.as_deref()).collect();
-    let raw: Vec<Option<i64>> = routed.iter().map(|r| raw_ids[r.webhook_index]).collect();
-    let data: Vec<String> = routed.iter().map(|r| r.event.data.to_string()).collect();
-    let created: Vec<DateTime<Utc>> = routed.iter().map(|r| r.event.created_at).collect();
-    let rows = sqlx::query(
-        "INSERT INTO events (id, org_id, type, dedup_key, phone_number_id, inbound_webhook_id, data, created_at)
-         SELECT id, org_id, type, dedup_key, phone_number_id, inbound_webhook_id, data::jsonb, created_at
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[], $8::timestamptz[])
-              AS t (id, org_id, type, dedup_key, phone_number_id, inbound_webhook_id, data, created_at)
-         ON CONFLICT (org_id, dedup_key) DO NOTHING
-         RETURNING id",
-    )
-    .bind(&ids)
-    .bind(&org_ids)
-    .bind(&types)
-    .bind(&keys)
-    .bind(&phone_ids)
-    .bind(&raw)
-    .bind(&data)
-    .bind(&created)
-    .fetch_all(&mut **tx)
-    .await?;
-    Ok(rows.iter().map(|row| row.get("id")).collect())
+    let events: Vec<StoredEvent> = routed
+        .iter()
+        .map(|r| StoredEvent {
+            event: &r.event,
+            dedup_key: &r.item.dedup_key,
+            phone_number_id: r.phone_number_id.as_deref(),
+            inbound_webhook_id: raw_ids[r.webhook_index],
+        })
+        .collect();
+    events::insert(tx, &events).await
 }
 
 /// Moves each message to the highest status seen, never backwards. Rows are written in

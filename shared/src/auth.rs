@@ -61,7 +61,7 @@ impl TokenVerifier {
                     (key, Algorithm::RS256)
                 }
             };
-            return Ok(Self { key: Some((key, Validation::new(algorithm))) });
+            return Ok(Self { key: Some((key, validation(algorithm))) });
         }
         match env.get("REACH_HUB_JWT_SECRET") {
             Some(secret) if environment == Environment::Production && secret.len() < 32 => {
@@ -80,7 +80,7 @@ impl TokenVerifier {
 
     pub fn hs256(secret: &SecretString) -> anyhow::Result<Self> {
         let key = DecodingKey::from_secret(secret.expose_secret().as_bytes())?;
-        Ok(Self { key: Some((key, Validation::new(Algorithm::HS256))) })
+        Ok(Self { key: Some((key, validation(Algorithm::HS256))) })
     }
 
     /// Verifies the value of an `Authorization` header.
@@ -104,6 +104,14 @@ impl TokenVerifier {
             AuthError::InvalidToken(kind.to_owned())
         })
     }
+}
+
+/// The checks every token passes: the algorithm, `exp` and `nbf`, each with
+/// jsonwebtoken's default leeway of 60 seconds for clock skew.
+fn validation(algorithm: Algorithm) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.validate_nbf = true;
+    validation
 }
 
 #[cfg(test)]
@@ -137,6 +145,8 @@ mod tests {
         assert_eq!(verifier.verify_header(Some("Basic abc")), Err(AuthError::MissingToken));
         let wrong_key = format!("Bearer {}", token("other", serde_json::json!({"sub": "u1", "exp": in_an_hour()})));
         assert!(matches!(verifier.verify_header(Some(&wrong_key)), Err(AuthError::InvalidToken(_))));
+        let not_yet = format!("Bearer {}", token("s3cret", serde_json::json!({"sub": "u1", "exp": in_an_hour() + 3600, "nbf": in_an_hour()})));
+        assert!(matches!(verifier.verify_header(Some(&not_yet)), Err(AuthError::InvalidToken(_))), "a token before its nbf is rejected");
         let expired = format!("Bearer {}", token("s3cret", serde_json::json!({"sub": "u1", "exp": 1_000_000})));
         assert!(matches!(verifier.verify_header(Some(&expired)), Err(AuthError::InvalidToken(_))));
         let unconfigured = TokenVerifier { key: None };

@@ -1,5 +1,7 @@
 //! Event types customers subscribe to, and the callback body they receive.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -57,6 +59,52 @@ impl EventType {
     pub fn parse(value: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.as_str() == value)
     }
+}
+
+/// An event to store: the event, what makes it the same fact as another (unique per
+/// org), and where it came from.
+pub struct StoredEvent<'a> {
+    pub event: &'a Event,
+    pub dedup_key: &'a str,
+    pub phone_number_id: Option<&'a str>,
+    pub inbound_webhook_id: Option<i64>,
+}
+
+/// Inserts events in one statement; an event whose org and dedup key are stored already
+/// is skipped. Returns the ids of the events inserted.
+pub async fn insert(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, events: &[StoredEvent<'_>]) -> Result<HashSet<Uuid>, sqlx::Error> {
+    use sqlx::Row;
+
+    if events.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let ids: Vec<Uuid> = events.iter().map(|e| e.event.id).collect();
+    let org_ids: Vec<Uuid> = events.iter().map(|e| e.event.org_id).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event.event_type.as_str()).collect();
+    let keys: Vec<&str> = events.iter().map(|e| e.dedup_key).collect();
+    let phone_ids: Vec<Option<&str>> = events.iter().map(|e| e.phone_number_id).collect();
+    let webhook_ids: Vec<Option<i64>> = events.iter().map(|e| e.inbound_webhook_id).collect();
+    let data: Vec<String> = events.iter().map(|e| e.event.data.to_string()).collect();
+    let created: Vec<DateTime<Utc>> = events.iter().map(|e| e.event.created_at).collect();
+    let rows = sqlx::query(
+        "INSERT INTO events (id, org_id, type, dedup_key, phone_number_id, inbound_webhook_id, data, created_at)
+         SELECT id, org_id, type, dedup_key, phone_number_id, inbound_webhook_id, data::jsonb, created_at
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[], $8::timestamptz[])
+              AS t (id, org_id, type, dedup_key, phone_number_id, inbound_webhook_id, data, created_at)
+         ON CONFLICT (org_id, dedup_key) DO NOTHING
+         RETURNING id",
+    )
+    .bind(&ids)
+    .bind(&org_ids)
+    .bind(&types)
+    .bind(&keys)
+    .bind(&phone_ids)
+    .bind(&webhook_ids)
+    .bind(&data)
+    .bind(&created)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows.iter().map(|row| row.get("id")).collect())
 }
 
 /// An event as it travels from the outbox to the relay and, serialised, to customers:

@@ -1,6 +1,11 @@
 //! Active subscriptions per org with their unsealed signing secrets, cached for a
 //! short time. The in-flight limit of each subscription lives here too, and survives
 //! cache refreshes.
+//!
+//! NOTE: a subscription created or changed through the API reaches the fan-out only at
+//! the next refresh of its org's entry, so events created within one cache lifetime
+//! after the change get no delivery for it. Invalidating the cache on change (for
+//! example with LISTEN/NOTIFY) would close that gap.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -103,10 +103,13 @@ fn normalise_recipient(to: &str) -> Result<String, ApiError> {
             }
         }
     }
-    if !(8..=15).contains(&digits.len()) || digits.starts_with('0') {
+    if !(8..=15).contains(&digits.len()) {
+        return Err(invalid("invalid_recipient", format!("to must have 8 to 15 digits, got {} digits", digits.len())));
+    }
+    if digits.starts_with('0') {
         return Err(invalid(
             "invalid_recipient",
-            format!("to must have 8 to 15 digits and start with a country code, got {} digits", digits.len()),
+            "to must start with a country code, not 0: write +44 7700 900123 or 447700900123, not 07700 900123 or 0044...",
         ));
     }
     Ok(digits)
@@ -176,6 +179,16 @@ fn validate(request: &SendRequest) -> Result<ValidSend, ApiError> {
     Ok(ValidSend { recipient, message_type, graph_request })
 }
 
+/// Returns whether any string in `value`, keys included, contains U+0000.
+fn contains_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map.iter().any(|(key, item)| key.contains('\0') || contains_nul(item)),
+        _ => false,
+    }
+}
+
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
     let key = value
@@ -198,6 +211,10 @@ async fn create_message(State(state): State<ApiState>, caller: OrgCaller, header
     let send = validate(&request)?;
     // serde_json's maps keep keys sorted, so equal requests serialise to equal bytes.
     let request_bytes = serde_json::to_vec(&send.graph_request).expect("a JSON value always serialises");
+    // PostgreSQL's jsonb cannot store U+0000, and Meta rejects it too.
+    if request.phone_number_id.contains('\0') || contains_nul(&send.graph_request) {
+        return Err(invalid("invalid_character", "a string in the request contains the NUL character (U+0000); remove it"));
+    }
     let request_sha256 = Sha256::digest(&request_bytes).to_vec();
 
     let message = NewMessage {
@@ -227,7 +244,18 @@ async fn create_message(State(state): State<ApiState>, caller: OrgCaller, header
     if !replayed {
         tracing::info!(message_id = %id, phone_number_id = %request.phone_number_id, "message queued");
     }
-    let mut response = (StatusCode::ACCEPTED, Json(json!({"id": id, "state": "queued"}))).into_response();
+    // A replay reports the first message's state now, which may have moved on.
+    let state_now = if replayed {
+        sqlx::query_scalar::<_, String>("SELECT state FROM outbound_messages WHERE id = $1 AND org_id = $2")
+            .bind(id)
+            .bind(caller.org_id)
+            .fetch_one(&state.pool)
+            .await
+            .map_err(|e| ApiError::database(e, "replayed message state"))?
+    } else {
+        MessageState::Queued.as_str().to_owned()
+    };
+    let mut response = (StatusCode::ACCEPTED, Json(json!({"id": id, "state": state_now}))).into_response();
     if replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
@@ -436,7 +464,7 @@ mod tests {
     fn recipients_normalise_to_digits() {
         assert_eq!(normalise_recipient("+1 (555) 010-0123").unwrap(), "15550100123");
         assert_eq!(normalise_recipient("491701234567").unwrap(), "491701234567");
-        for bad in ["", "+", "12345", "1234567890123456", "+1555abc0123", "0015550100123", "+1555 0100 123 ext 4"] {
+        for bad in ["", "+", "12345", "1234567890123456", "+1555abc0123", "0015550100123", "+1555 0100 123 ext 4", "+١٥٥٥٠١٠٠١٢٣"] {
             assert!(normalise_recipient(bad).is_err(), "{bad:?} should be rejected");
         }
     }
@@ -452,6 +480,13 @@ mod tests {
         assert!(matches!(result, Err(ApiError::Invalid { code: "text_too_long", .. })));
         let exact = "é".repeat(MAX_TEXT_CHARS);
         assert!(validate(&request(json!({"phone_number_id": "1", "to": "+15550100123", "type": "text", "text": {"body": exact}}))).is_ok());
+    }
+
+    #[test]
+    fn nul_found_anywhere() {
+        assert!(contains_nul(&json!({"text": {"body": "a\u{0}b"}})));
+        assert!(contains_nul(&json!({"components": [{"parameters": [{"text": "\u{0}"}]}]})));
+        assert!(!contains_nul(&json!({"text": {"body": "a\\u0000b"}})), "an escaped backslash is not a NUL");
     }
 
     #[test]

@@ -53,12 +53,18 @@ pub fn router(state: ApiState) -> Router {
         .merge(subscriptions::routes())
         .merge(deliveries::routes())
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(state)
 }
 
 async fn not_found() -> ApiError {
     ApiError::NotFound("no such route under /v1")
+}
+
+async fn method_not_allowed() -> Response {
+    let body = json!({"error": {"code": "method_not_allowed", "message": "this route does not take this HTTP method; see the API reference in the README"}});
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
 }
 
 /// The authenticated caller: a user of one org.

@@ -173,6 +173,7 @@ async fn invalid_sends_explain_fix() {
         (json!({"phone_number_id": "999", "to": "15550100123", "type": "text", "text": {"body": "x"}}), "unknown_phone_number"),
         (json!({"phone_number_id": FIXTURE_PHONE, "to": "15550100123", "type": "text", "text": {"body": "x"}, "extra": 1}), "invalid_body"),
         (json!({"to": "15550100123", "type": "text", "text": {"body": "x"}}), "invalid_body"),
+        (json!({"phone_number_id": FIXTURE_PHONE, "to": "15550100123", "type": "text", "text": {"body": "a\u{0}b"}}), "invalid_character"),
     ];
     for (body, code) in cases {
         let (status, error) = send(&ingress, Some(&bearer(org)), None, &body).await;
