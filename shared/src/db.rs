@@ -48,3 +48,19 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
         _ => false,
     }
 }
+
+/// The PostgreSQL notification channel that announces a change to an org's webhook
+/// subscriptions or secrets; the payload is the org id. Relays drop that org from their
+/// subscription cache when it arrives.
+pub const SUBSCRIPTIONS_CHANGED_CHANNEL: &str = "reach_subscriptions_changed";
+
+/// Announces a change to the org's subscriptions. PostgreSQL delivers the notification
+/// when the transaction commits, and not at all when it rolls back.
+pub async fn notify_subscriptions_changed(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, org_id: uuid::Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(SUBSCRIPTIONS_CHANGED_CHANNEL)
+        .bind(org_id.to_string())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}

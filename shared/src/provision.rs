@@ -161,6 +161,9 @@ impl ProvisioningFile {
                 report.subscriptions += subscriptions;
                 report.secrets += secrets;
             }
+            if !org.subscriptions.is_empty() {
+                crate::db::notify_subscriptions_changed(&mut tx, org.id).await?;
+            }
         }
         tx.commit().await?;
         Ok(report)

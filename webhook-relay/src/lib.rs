@@ -104,6 +104,12 @@ pub async fn start(settings: RelaySettings, shutdown: CancellationToken) -> anyh
     let consumer = tokio::spawn(relay.clone().run_consumer(shutdown.clone()));
     let retry_lane = tokio::spawn(relay.clone().run_retry_lane(shutdown.clone()));
     let gauges = tokio::spawn(refresh_table_gauges(pool.clone(), shutdown.clone()));
+    let changes = {
+        let relay = relay.clone();
+        let pool = pool.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { subscriptions::follow_changes(&relay.subscriptions, pool, shutdown).await })
+    };
     let draining = readiness.clone();
     let task = tokio::spawn(async move {
         shutdown.cancelled().await;
@@ -111,6 +117,7 @@ pub async fn start(settings: RelaySettings, shutdown: CancellationToken) -> anyh
         let _ = consumer.await;
         let _ = retry_lane.await;
         let _ = gauges.await;
+        let _ = changes.await;
         drop(relay);
         writer_shutdown.cancel();
         let _ = writer_task.await;

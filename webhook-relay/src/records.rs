@@ -359,14 +359,19 @@ async fn insert_attempts(tx: &mut Transaction<'_, Postgres>, attempts: &[(i64, U
 /// Disables a subscription whose endpoint returned 410 Gone and parks everything still
 /// pending for it.
 async fn disable_subscription(tx: &mut Transaction<'_, Postgres>, subscription_id: Uuid) -> Result<(), sqlx::Error> {
-    let disabled = sqlx::query(
+    let disabled_org: Option<Uuid> = sqlx::query_scalar(
         "UPDATE webhook_subscriptions SET status = 'disabled', disabled_reason = 'endpoint answered 410 Gone', updated_at = now()
-         WHERE id = $1 AND status = 'active'",
+         WHERE id = $1 AND status = 'active'
+         RETURNING org_id",
     )
     .bind(subscription_id)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(org_id) = disabled_org {
+        // Other relays drop the subscription from their caches at commit.
+        reach_shared::db::notify_subscriptions_changed(tx, org_id).await?;
+    }
+    let disabled = u64::from(disabled_org.is_some());
     let parked = sqlx::query(
         "UPDATE webhook_deliveries SET status = 'parked', parked_at = now(), next_attempt_at = NULL,
              last_error = 'subscription disabled after 410 Gone', updated_at = now()

@@ -2,10 +2,11 @@
 //! short time. The in-flight limit of each subscription lives here too, and survives
 //! cache refreshes.
 //!
-//! NOTE: a subscription created or changed through the API reaches the fan-out only at
-//! the next refresh of its org's entry, so events created within one cache lifetime
-//! after the change get no delivery for it. Invalidating the cache on change (for
-//! example with LISTEN/NOTIFY) would close that gap.
+//! Every change to an org's subscriptions (API, provisioning, a 410) sends a PostgreSQL
+//! notification at commit; [`follow_changes`] drops that org's entry, so the next event
+//! of the org reads the subscriptions again. The lifetime only bounds staleness when a
+//! notification is lost, and an entry is dropped for every org when the listening
+//! connection is lost.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use sqlx::{PgPool, Row};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, RwLock, Semaphore};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// One subscription, ready to deliver to.
@@ -117,6 +119,16 @@ impl SubscriptionCache {
         }
     }
 
+    /// Drops an org's entry; its next event reads the subscriptions again.
+    pub async fn forget(&self, org_id: Uuid) {
+        self.orgs.write().await.remove(&org_id);
+    }
+
+    /// Drops every entry.
+    pub async fn forget_all(&self) {
+        self.orgs.write().await.clear();
+    }
+
     /// Returns the org's active subscriptions that want `event_type`.
     pub async fn matching(&self, org_id: Uuid, event_type: EventType) -> Result<Vec<Arc<Subscription>>, sqlx::Error> {
         let org = self.org(org_id).await?;
@@ -213,5 +225,49 @@ impl SubscriptionCache {
             subscriptions.push(Arc::new(Subscription { id, org_id, url, event_types, secrets, lane }));
         }
         Ok(CachedOrg { loaded_at: Instant::now(), subscriptions })
+    }
+}
+
+/// Listens for subscription changes until `shutdown` fires, and drops each changed org
+/// from `cache`. After a lost connection, notifications may have been missed, so every
+/// entry is dropped.
+pub async fn follow_changes(cache: &SubscriptionCache, pool: PgPool, shutdown: CancellationToken) {
+    let mut delays = reach_shared::outbox::reconnect_policy();
+    while !shutdown.is_cancelled() {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            Err(error) = listen_for_changes(cache, &pool) => {
+                cache.forget_all().await;
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "subscription change listener failed, reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Listens on one connection until it fails.
+async fn listen_for_changes(cache: &SubscriptionCache, pool: &PgPool) -> Result<std::convert::Infallible, sqlx::Error> {
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    listener.listen(reach_shared::db::SUBSCRIPTIONS_CHANGED_CHANNEL).await?;
+    // Changes made before the listener started are unknown.
+    cache.forget_all().await;
+    loop {
+        match listener.try_recv().await? {
+            Some(notification) => match notification.payload().parse::<Uuid>() {
+                Ok(org_id) => cache.forget(org_id).await,
+                Err(_) => {
+                    tracing::warn!(payload = notification.payload(), "subscription change notice without an org id, dropping every entry");
+                    cache.forget_all().await;
+                }
+            },
+            None => {
+                tracing::warn!("lost the subscription change listener's connection, dropping every cached org");
+                cache.forget_all().await;
+            }
+        }
     }
 }

@@ -160,6 +160,9 @@ async fn create(State(state): State<ApiState>, caller: OrgCaller, ApiJson(reques
     .map_err(|e| ApiError::database(e, "insert a subscription"))?;
     let secret = WebhookSecret::generate();
     insert_secret(&mut tx, &state, caller.org_id, id, &secret).await?;
+    reach_shared::db::notify_subscriptions_changed(&mut tx, caller.org_id)
+        .await
+        .map_err(|e| ApiError::database(e, "announce a subscription change"))?;
     tx.commit().await.map_err(|e| ApiError::database(e, "commit a new subscription"))?;
     tracing::info!("created a webhook subscription");
 
@@ -239,6 +242,9 @@ async fn update(
     if request.status == Some(RequestedStatus::Disabled) {
         park_pending(&mut tx, id, "subscription disabled through the customer API").await?;
     }
+    reach_shared::db::notify_subscriptions_changed(&mut tx, caller.org_id)
+        .await
+        .map_err(|e| ApiError::database(e, "announce a subscription change"))?;
     tx.commit().await.map_err(|e| ApiError::database(e, "commit a subscription update"))?;
     tracing::info!(status = subscription.status, "updated a webhook subscription");
     Ok(Json(subscription))
@@ -269,6 +275,9 @@ async fn remove(State(state): State<ApiState>, caller: OrgCaller, Path(id): Path
         .execute(&mut *tx)
         .await
         .map_err(|e| ApiError::database(e, "delete the secrets of a subscription"))?;
+    reach_shared::db::notify_subscriptions_changed(&mut tx, caller.org_id)
+        .await
+        .map_err(|e| ApiError::database(e, "announce a subscription change"))?;
     tx.commit().await.map_err(|e| ApiError::database(e, "commit a subscription deletion"))?;
     tracing::info!(parked, "deleted a webhook subscription");
     Ok(StatusCode::NO_CONTENT)
@@ -334,6 +343,9 @@ async fn rotate_secret(
     .fetch_one(&mut *tx)
     .await
     .map_err(|e| ApiError::database(e, "touch a subscription"))?;
+    reach_shared::db::notify_subscriptions_changed(&mut tx, caller.org_id)
+        .await
+        .map_err(|e| ApiError::database(e, "announce a subscription change"))?;
     tx.commit().await.map_err(|e| ApiError::database(e, "commit a secret rotation"))?;
     tracing::info!("rotated the signing secret of a webhook subscription");
 

@@ -114,3 +114,27 @@ async fn rotated_secret_signs_twice() {
     assert!(!received[0].verifies(&stranger.secret), "an unrelated secret does not verify");
     h.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_subscription_applies_at_once() {
+    // A cache lifetime of ten minutes: only the change notification can refresh it.
+    let h = Harness::start(&[("REACH_RELAY_SUBSCRIPTION_CACHE_MS", "600000")]).await;
+    let first = Subscriber::start(Reply::status(204)).await;
+    let second = Subscriber::start(Reply::status(204)).await;
+    let sub_first = Sub::new(&first.url, &["*"]);
+    let sub_second = Sub::new(&second.url, &["*"]);
+    let org = h.provision_org(&[&sub_first]).await;
+
+    let before = event(org, EventType::MessageReceived);
+    h.publish(std::slice::from_ref(&before)).await;
+    h.wait_delivery(before.id, sub_first.id, "delivered").await;
+
+    // The org's subscriptions are cached now; a new one is announced at commit.
+    h.provision(org_file(org, &[&sub_first, &sub_second])).await;
+    let after = event(org, EventType::MessageReceived);
+    h.publish(std::slice::from_ref(&after)).await;
+    h.wait_delivery(after.id, sub_second.id, "delivered").await;
+    h.wait_delivery(after.id, sub_first.id, "delivered").await;
+    assert!(h.delivery(before.id, sub_second.id).await.is_none(), "an event from before the subscription is not delivered to it");
+    h.finish().await;
+}
