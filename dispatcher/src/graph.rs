@@ -1,5 +1,5 @@
 //! The Graph API send call and the classification of its errors. Meta's errors are
-//! classified by `error.code`, never by the HTTP status, because Meta answers most
+//! classified by `error.code`, never by the HTTP status, because Meta returns most
 //! errors with 400 whatever their kind.
 
 use std::time::Duration;
@@ -8,7 +8,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use url::Url;
 
-/// What a failed send means for the message and its phone number.
+/// The consequence of a failed send for the message and its phone number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
     /// The number sent too fast (130429, 80007, 4, 131057): slow the number, retry.
@@ -71,7 +71,7 @@ pub enum SendResult {
     /// The request never left: connecting failed. Safe to send again.
     NotSent(String),
     /// The request may have reached Meta (timeout, connection lost, unreadable
-    /// answer): Meta may have taken the message.
+    /// response), so Meta may have taken the message.
     Uncertain(String),
 }
 
@@ -141,7 +141,7 @@ pub fn parse_response(status: u16, body: &[u8]) -> SendResult {
             .filter(|id| !id.is_empty() && id.len() <= 512);
         return match wamid {
             Some(wamid) => SendResult::Accepted { wamid: wamid.to_owned() },
-            // Meta answered success without a readable id: it may have taken the send.
+            // A success response without a readable id: Meta may have taken the send.
             None => SendResult::Uncertain(format!("HTTP {status} without a message id")),
         };
     }

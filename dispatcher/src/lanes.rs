@@ -10,10 +10,10 @@
 //! lane of a number at a time, and the pacer's limit holds for the whole fleet.
 //!
 //! Everything that must wait (a retry, a paused number, a recipient over the pair
-//! rate, a backlog longer than `lane_seconds`) leaves the queue: the message gets a
-//! `next_attempt_at` in Postgres, the job is acknowledged, and the sweeper queues the
-//! message again when it is due. The prefetch window thus only holds work that is about
-//! to be sent.
+//! rate, a backlog longer than `lane_seconds`) leaves the queue. The message gets a
+//! `next_attempt_at` in Postgres and the job is acknowledged. The sweeper queues the
+//! message again when it is due, so the prefetch window only contains work that is
+//! about to be sent.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::directory::Directory;
+use crate::directory::{Directory, NumberInfo};
 use crate::graph::{ErrorClass, GraphClient, SendResult, classify};
 use crate::pacer::{Pacer, window_cap};
 use crate::settings::DispatcherSettings;
@@ -58,7 +58,7 @@ const LANE_IDLE: Duration = Duration::from_secs(60);
 /// A job for a number the directory does not know yet waits this long.
 const UNKNOWN_NUMBER_RETRY: Duration = Duration::from_secs(5);
 /// Throttling and pair-rate errors park a message only after this many attempts
-/// times `max_attempts`, because they say nothing wrong about the message.
+/// times `max_attempts`, because they do not mean the message is wrong.
 const RATE_ATTEMPTS_FACTOR: i32 = 5;
 
 /// The lanes of this process.
@@ -102,14 +102,16 @@ struct Lane {
 }
 
 impl Lane {
-    fn paused_until(&self, directory: &Directory) -> Option<DateTime<Utc>> {
+    /// Returns the end of the number's pause, if it is paused. `info` is the number's
+    /// directory entry, read by the caller.
+    fn paused_until(&self, directory: &Directory, info: Option<&NumberInfo>) -> Option<DateTime<Utc>> {
         let now = Utc::now();
         let mut local = self.paused_until.lock().expect("lane locks are never poisoned");
         if local.is_some_and(|(_, mark)| directory.is_newer_than(mark)) {
             // The directory has caught up: it shows the pause, or an operator's resume.
             *local = None;
         }
-        let known = directory.get(&self.phone_number_id).and_then(|info| info.paused_until);
+        let known = info.and_then(|info| info.paused_until);
         known.or(local.map(|(until, _)| until)).filter(|until| *until > now)
     }
 
@@ -208,9 +210,9 @@ impl Lanes {
         }
     }
 
-    /// Starts a number's lane. `takeover` says its first job was delivered before, so
-    /// another dispatcher (or an earlier lane here) may have sent for the number within
-    /// the last second.
+    /// Starts a number's lane. `takeover` is true when its first job was delivered
+    /// before, so another dispatcher (or an earlier lane here) may have sent for the
+    /// number within the last second.
     fn spawn_lane(&self, phone_number_id: &str, target_rate: f64, takeover: bool) -> LaneHandle {
         let lane = Arc::new(Lane {
             phone_number_id: phone_number_id.to_owned(),
@@ -265,7 +267,8 @@ impl Shared {
                 }
             }
 
-            if lane.paused_until(&self.directory).is_some() {
+            let info = self.directory.get(&lane.phone_number_id);
+            if lane.paused_until(&self.directory, info.as_deref()).is_some() {
                 // Due at once in the database, where the sweeper keeps it while the
                 // number is paused and queues it the moment the pause ends or an
                 // operator resumes the number.
@@ -363,7 +366,7 @@ impl Shared {
                 throttles_seen = throttles;
                 pacer.throttled();
             }
-            if lane.paused_until(&self.directory).is_some() {
+            if lane.paused_until(&self.directory, info.as_deref()).is_some() {
                 self.release(item.work, Utc::now()).await;
                 lane.done();
                 continue;
@@ -512,7 +515,7 @@ impl Shared {
                 *lane.paused_until.lock().expect("lane locks are never poisoned") = Some((until, self.directory.mark()));
                 tracing::warn!(phone_number_id = %message.phone_number_id, code, %until, "account-level error: sending paused for this phone number");
                 // Not the message's fault: the attempt is taken back. The message is due
-                // at once; the sweeper holds it while the number is paused.
+                // at once, and the sweeper keeps it waiting while the number is paused.
                 Some(Operation::Defer(Deferral { job: job.clone(), until: now, error_code: Some(code), error_title: Some(error.title), uncertain: false, undo_claim: true }))
             }
             ErrorClass::Permanent => None,

@@ -111,7 +111,7 @@ pub enum StoreError {
 }
 
 /// Handle to the writer tasks; clone freely. Claims have writers of their own, so a
-/// claim never waits behind a large batch of outcomes: the pacer is fed from claims.
+/// claim does not queue behind a large batch of outcomes, because claims feed the pacer.
 #[derive(Clone)]
 pub struct Store {
     claims: Batcher<Operation, Result<Reply, StoreError>>,
@@ -121,8 +121,7 @@ pub struct Store {
 impl Store {
     pub fn start(pool: PgPool, writers: usize, max_batch: usize, waker: OutboxWaker) -> (Self, tokio::task::JoinSet<()>) {
         let (claims, mut tasks) = start_writers("dispatcher_claims", pool.clone(), (writers / 2).max(1), max_batch, waker.clone());
-        let (outcomes, outcome_tasks) = start_writers("dispatcher_outcomes", pool, writers, max_batch, waker);
-        let mut outcome_tasks = outcome_tasks;
+        let (outcomes, mut outcome_tasks) = start_writers("dispatcher_outcomes", pool, writers, max_batch, waker);
         // Both sets are awaited by the caller through one JoinSet.
         tasks.spawn(async move { while outcome_tasks.join_next().await.is_some() {} });
         (Self { claims, outcomes }, tasks)
@@ -203,7 +202,7 @@ async fn write_batch(tx: &mut Transaction<'_, Postgres>, operations: &[Operation
     Ok(Written { replies, wrote_outbox, duplicates })
 }
 
-/// What one committed batch wrote.
+/// The result of one committed batch.
 struct Written {
     replies: Vec<Reply>,
     wrote_outbox: bool,

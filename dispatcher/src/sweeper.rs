@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use reach_shared::outbox::OutboxWaker;
 use reach_shared::sends::{self, SendJob};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 /// Messages queued again per transaction.
@@ -58,7 +58,7 @@ pub async fn sweep_once(pool: &PgPool, shards: u16) -> Result<usize, sqlx::Error
     }
     let jobs: Vec<SendJob> = rows
         .iter()
-        .map(|row| SendJob { message_id: row.get("id"), org_id: row.get("org_id"), phone_number_id: row.get("phone_number_id"), seq: row.get("dispatch_seq") })
+        .map(SendJob::from_row)
         .collect();
     sends::enqueue_jobs(&mut tx, &jobs, shards).await?;
     tx.commit().await?;

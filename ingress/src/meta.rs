@@ -30,7 +30,7 @@ pub enum StatusRank {
 }
 
 impl StatusRank {
-    /// The state an outbound message reaches with this status.
+    /// Returns the state an outbound message reaches with this status.
     pub fn message_state(self) -> reach_shared::sends::MessageState {
         use reach_shared::sends::MessageState;
         match self {

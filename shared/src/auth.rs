@@ -106,7 +106,7 @@ impl TokenVerifier {
     }
 }
 
-/// The checks every token passes: the algorithm, `exp` and `nbf`, each with
+/// Builds the checks every token must pass: the algorithm, `exp` and `nbf`, each with
 /// jsonwebtoken's default leeway of 60 seconds for clock skew.
 fn validation(algorithm: Algorithm) -> Validation {
     let mut validation = Validation::new(algorithm);

@@ -106,7 +106,7 @@ pub async fn replay(pool: &PgPool, selection: &Selection, reason: &str, actor: &
         .context("failed to replay parked messages")?;
     let jobs: Vec<SendJob> = rows
         .iter()
-        .map(|row| SendJob { message_id: row.get("id"), org_id: row.get("org_id"), phone_number_id: row.get("phone_number_id"), seq: row.get("dispatch_seq") })
+        .map(SendJob::from_row)
         .collect();
     sends::enqueue_jobs(&mut tx, &jobs, shards).await.context("failed to queue replayed messages")?;
     let event = AuditEvent {

@@ -3,7 +3,7 @@
 //! the outbox.
 //!
 //! A job only names the message; the dispatcher reads the request from
-//! `outbound_messages` when it claims the job, so a queue never holds a message body
+//! `outbound_messages` when it claims the job, so a queue never contains a message body
 //! and a stale job cannot send an old version of a message.
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +26,14 @@ pub struct SendJob {
 }
 
 impl SendJob {
+    /// Reads the job of an `outbound_messages` row returning `id`, `org_id`,
+    /// `phone_number_id` and `dispatch_seq`.
+    pub fn from_row(row: &sqlx::postgres::PgRow) -> Self {
+        use sqlx::Row;
+
+        Self { message_id: row.get("id"), org_id: row.get("org_id"), phone_number_id: row.get("phone_number_id"), seq: row.get("dispatch_seq") }
+    }
+
     pub fn to_body(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a send job always serialises")
     }
@@ -74,7 +82,7 @@ impl MessageState {
         }
     }
 
-    /// The `state_rank` column value.
+    /// Returns the `state_rank` column value.
     pub fn rank(self) -> i16 {
         self as i16
     }

@@ -29,7 +29,7 @@ async fn killed_dispatcher_does_not_resend() {
         .kill_on_drop(true)
         .spawn()
         .expect("failed to start reach-dispatcher");
-    // Wait until the simulator has taken every send, then kill before the answers.
+    // Wait until the simulator has taken every send, then kill before the responses.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let accepted = fleet.sim_stats().await.phone_numbers[PHONE].accepted;

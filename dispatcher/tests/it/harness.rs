@@ -178,7 +178,7 @@ impl Fleet {
         fleet
     }
 
-    /// The dispatcher's environment: this fleet's database, broker and simulator.
+    /// Returns the dispatcher's environment: this fleet's database, broker and simulator.
     pub fn dispatcher_env(&self) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = [
             ("DATABASE_URL", self.database_url.clone()),

@@ -73,7 +73,7 @@ async fn handover_keeps_number_under_mps() {
     let phone = "130000000000002";
     const ARRIVAL_JITTER_SENDS: u32 = 2;
     let mut fleet = Fleet::start(Options { numbers: vec![number(phone, 50)], sim_mps_extra: ARRIVAL_JITTER_SENDS, ..Options::default() }).await;
-    // A second dispatcher subscribes after the first: it stands by on every shard.
+    // A second dispatcher subscribes after the first, as the standby on every shard.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let settings = reach_dispatcher::DispatcherSettings::from_env(&reach_shared::settings::Env::from_pairs(fleet.dispatcher_env())).unwrap();
     let standby_shutdown = tokio_util::sync::CancellationToken::new();

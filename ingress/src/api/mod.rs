@@ -3,7 +3,7 @@
 //! org, and a row of another org gets the same 404 as a missing one.
 //!
 //! Errors are JSON `{"error": {"code", "message"}}` with a stable `code` a client can
-//! branch on and a message that says what to fix.
+//! branch on and a message that tells what to fix.
 //!
 //! - [`messages`]: `POST /v1/messages`, `GET /v1/messages/{id}`.
 //! - [`subscriptions`]: `/v1/webhook-subscriptions`.

@@ -189,7 +189,7 @@ async fn invalid_sends_explain_fix() {
     ingress.finish().await;
 }
 
-/// A Meta status webhook for one message, as the Cloud API sends it.
+/// Builds a Meta status webhook for one message, as the Cloud API sends it.
 fn status_body(wamid: &str, status: &str, message_id: Option<Uuid>) -> Vec<u8> {
     let mut item = json!({"id": wamid, "status": status, "timestamp": "1767225601", "recipient_id": "15550100123"});
     if let Some(id) = message_id {
